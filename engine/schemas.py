@@ -1,0 +1,88 @@
+"""Input schemas per version (published as OpenAPI, enforced before anything is queued)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jsonschema
+
+from engine.errors import InvalidInput
+from engine.registry import Version
+
+
+def text_input_schema(version: Version) -> dict:
+    """The seed's LLM inputs, with this version's defaults and limits."""
+    d = {"max_new_tokens": 128, "min_new_tokens": -1, "temperature": 0.7, "top_p": 1.0, "top_k": 0,
+         "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+         "system_prompt": "", "prompt_template": version.prompt_template or "", "min_p": 0.0,
+         **version.default_inputs}
+    max_len = int(version.limits.get("max_model_len", 1 << 20))
+    props: dict[str, Any] = {
+        "prompt": {"type": "string", "title": "Prompt", "x-order": 0},
+        "system_prompt": {"type": "string", "default": d["system_prompt"], "x-order": 1,
+                          "description": "System prompt sent to the model before the prompt."},
+        "prompt_template": {"type": "string", "default": d["prompt_template"], "x-order": 2,
+                            "description": "Template with {prompt} (and optionally {system_prompt}); "
+                                           "empty uses the model's chat template."},
+        "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": max_len,
+                           "default": d["max_new_tokens"], "x-order": 3},
+        "min_new_tokens": {"type": "integer", "minimum": -1, "maximum": max_len,
+                           "default": d["min_new_tokens"], "x-order": 4,
+                           "description": "-1 disables"},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 5, "default": d["temperature"], "x-order": 5},
+        "top_p": {"type": "number", "minimum": 0, "maximum": 1, "default": d["top_p"], "x-order": 6},
+        "top_k": {"type": "integer", "minimum": -1, "default": d["top_k"], "x-order": 7,
+                  "description": "0 or -1 disables"},
+        "min_p": {"type": "number", "minimum": 0, "maximum": 1, "default": d["min_p"], "x-order": 8},
+        "repetition_penalty": {"type": "number", "minimum": 0.01, "maximum": 10,
+                               "default": d["repetition_penalty"], "x-order": 9},
+        "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2,
+                             "default": d["presence_penalty"], "x-order": 10},
+        "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2,
+                              "default": d["frequency_penalty"], "x-order": 11},
+        "stop_sequences": {"type": "string", "x-order": 12,
+                           "description": "Comma-separated stop sequences"},
+        "seed": {"type": "integer", "minimum": 0, "x-order": 13},
+    }
+    return {"type": "object", "title": "Input", "required": ["prompt"], "properties": props,
+            "additionalProperties": False}
+
+
+def input_schema(version: Version) -> dict:
+    if version.kind == "text-generation":
+        return text_input_schema(version)
+    from engine.video.families import family_for
+
+    return family_for(version.pipeline_class or "I2VGenXLPipeline").input_schema(version.default_inputs)
+
+
+def output_schema(version: Version) -> dict:
+    if version.kind == "text-generation":
+        return {"type": "array", "items": {"type": "string"}, "title": "Output",
+                "x-cog-array-type": "iterator", "x-cog-array-display": "concatenate"}
+    return {"type": "string", "format": "uri", "title": "Output"}
+
+
+def validate_input(version: Version, inputs: Any) -> dict:
+    """Check inputs against the version's schema; fill defaults. Errors name the field."""
+    if not isinstance(inputs, dict):
+        raise InvalidInput("input must be an object", param="input")
+    schema = input_schema(version)
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(inputs), key=lambda e: list(e.path))
+    if errors:
+        error = errors[0]
+        field = ".".join(str(p) for p in error.path)
+        if error.validator == "additionalProperties":
+            unknown = sorted(set(inputs) - set(schema["properties"]))
+            field = unknown[0] if unknown else field
+            message = f"unknown input field(s) {unknown}; allowed: {sorted(schema['properties'])}"
+        elif error.validator == "required":
+            field = error.message.split("'")[1] if "'" in error.message else field
+            message = error.message
+        else:
+            message = f"{field}: {error.message}"
+        raise InvalidInput(message, param=f"input.{field}" if field else "input")
+    filled = {k: v["default"] for k, v in schema["properties"].items() if "default" in v}
+    filled.update(inputs)
+    return filled

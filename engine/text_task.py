@@ -1,0 +1,178 @@
+"""Text jobs: from a dialect-neutral task to prompt tokens, through the LLM engine, to job events.
+
+Every dialect builds a `TextTask` (chat messages or a raw prompt, tools, output format, sampling)
+and the engine runs it here, so prompt templates, tool-call parsing and JSON output behave the
+same whichever API the request came through.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.errors import InvalidInput, PromptTooLong
+from engine.jobs import Choice, Job
+from engine.llm.types import GenerationRequest, SamplingParams
+from engine.registry import Version
+
+# Used when a tokenizer has no chat template: plain role headers, documented in the README.
+FALLBACK_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}" \
+                    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+
+
+@dataclass
+class TextTask:
+    """What to generate, independent of the API dialect that asked."""
+
+    messages: list[dict] | None = None
+    prompt: str | None = None
+    system_prompt: str | None = None
+    prompt_template: str | None = None
+    tools: list[dict] | None = None
+    tool_choice: Any = "auto"  # "none" | "auto" | "required" | {"type": "function", "function": {"name"}}
+    response_format: dict | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens_clip: bool = False  # clip max_new_tokens to the context instead of failing
+
+
+@dataclass
+class PreparedText:
+    request: GenerationRequest
+    tool_names: list[str]
+
+
+def _message_text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    raise InvalidInput("message content must be a string or a list of content parts", param="messages")
+
+
+def _tools_for_prompt(task: TextTask) -> list[dict] | None:
+    if not task.tools or task.tool_choice == "none":
+        return None
+    if isinstance(task.tool_choice, dict):
+        wanted = task.tool_choice.get("function", {}).get("name")
+        chosen = [t for t in task.tools if t.get("function", {}).get("name") == wanted]
+        if not chosen:
+            raise InvalidInput(f"tool_choice names '{wanted}', which is not among the tools",
+                               param="tool_choice")
+        return chosen
+    return task.tools
+
+
+def render_chat(tokenizer, messages: list[dict], tools: list[dict] | None) -> str:
+    """Chat template text for messages; tools go to the template, or into the system prompt when
+    the template cannot take them."""
+    template = tokenizer.chat_template or FALLBACK_TEMPLATE
+    messages = [dict(m) for m in messages]
+    for message in messages:
+        if not isinstance(message.get("content"), str) and message.get("content") is not None:
+            message["content"] = _message_text(message["content"])
+    if tools and "tools" not in template:
+        listing = "\n".join(json.dumps(t.get("function", t)) for t in tools)
+        preamble = ("You can call these tools. To call one, answer only with "
+                    "<tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>.\n" + listing)
+        if messages and messages[0].get("role") == "system":
+            messages[0]["content"] = f"{messages[0]['content']}\n\n{preamble}"
+        else:
+            messages.insert(0, {"role": "system", "content": preamble})
+        tools = None
+    try:
+        return tokenizer.apply_chat_template(messages, tools=tools, chat_template=template,
+                                             add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # noqa: BLE001 - template errors (e.g. role order) are user input errors
+        raise InvalidInput(f"the chat template rejected these messages: {exc}", param="messages") from exc
+
+
+def render_prompt(task: TextTask, version: Version, tokenizer) -> str:
+    """Text for a raw-prompt task: the prompt template (request's, else version's), else the chat
+    template with a system and a user message."""
+    template = task.prompt_template or version.prompt_template
+    if template:
+        if "{prompt}" not in template:
+            raise InvalidInput("prompt_template must contain {prompt}", param="prompt_template")
+        return template.replace("{system_prompt}", task.system_prompt or "").replace("{prompt}", task.prompt or "")
+    messages = ([{"role": "system", "content": task.system_prompt}] if task.system_prompt else []) + \
+        [{"role": "user", "content": task.prompt or ""}]
+    if tokenizer.chat_template:
+        return render_chat(tokenizer, messages, None)
+    return "\n\n".join(m["content"] for m in messages)
+
+
+def prepare(task: TextTask, job: Job, version: Version, tokenizer, max_model_len: int) -> PreparedText:
+    """Tokenize the task and check it fits the context, before anything is queued."""
+    tools = _tools_for_prompt(task)
+    if task.messages is not None:
+        if not task.messages:
+            raise InvalidInput("messages must not be empty", param="messages")
+        text = render_chat(tokenizer, task.messages, tools)
+    else:
+        text = render_prompt(task, version, tokenizer)
+    bos = tokenizer.bos_token
+    add_special = not (bos and text.startswith(bos))
+    ids = tokenizer(text, add_special_tokens=add_special)["input_ids"]
+    params = task.params
+    if len(ids) + params.max_new_tokens > max_model_len:
+        if task.max_tokens_clip and len(ids) < max_model_len:
+            params.max_new_tokens = max_model_len - len(ids)
+        else:
+            raise PromptTooLong(len(ids), params.max_new_tokens, max_model_len)
+    job.prompt_tokens = len(ids)
+    request = GenerationRequest(request_id=job.id, prompt_token_ids=ids, params=params)
+    if task.response_format or (tools and task.tool_choice not in (None, "auto", "none")):
+        from engine.llm.constraints import constraint_factory
+
+        request.constraint_factory = constraint_factory(tokenizer, task.response_format, tools,
+                                                        task.tool_choice)
+    names = [t.get("function", {}).get("name", "") for t in tools or []]
+    return PreparedText(request=request, tool_names=names)
+
+
+async def run(job: Job, prepared: PreparedText, llm) -> None:
+    """Stream the LLM's deltas into job events; tool calls are parsed out of the text."""
+    n = prepared.request.params.n
+    job.choices = [Choice(index=i) for i in range(n)]
+    parsers = None
+    if prepared.tool_names:
+        from engine.llm.tools import ToolCallStream
+
+        parsers = [ToolCallStream(prepared.tool_names) for _ in range(n)]
+    chunks: list[str] = []
+    errors: list[str] = []
+    async for delta in llm.generate(prepared.request):
+        choice = job.choices[delta.index]
+        choice.completion_tokens = delta.completion_tokens
+        choice.logprobs.extend(delta.logprobs)
+        text, tool_deltas = delta.text, None
+        if parsers is not None:
+            text, tool_deltas = parsers[delta.index].feed(delta.text)
+            if delta.finish_reason is not None:
+                tail, more = parsers[delta.index].finish()
+                text, tool_deltas = text + tail, (tool_deltas or []) + (more or [])
+        choice.text += text
+        finish = delta.finish_reason
+        if finish is not None:
+            if parsers is not None and parsers[delta.index].calls:
+                choice.tool_calls = parsers[delta.index].calls
+                if finish == "stop":
+                    finish = "tool_calls"
+            choice.finish_reason = finish
+            if delta.error:
+                errors.append(delta.error)
+        if delta.index == 0 and text:
+            chunks.append(text)
+        if text or tool_deltas or delta.logprobs or finish:
+            job.emit("output", text, choice=delta.index, tool_calls=tool_deltas or None,
+                     logprobs=delta.logprobs or None, finish_reason=finish)
+    job.output = chunks
+    if errors:
+        job.finish("failed", errors[0])
+    elif any(c.finish_reason == "abort" for c in job.choices):
+        job.finish("canceled")
+    else:
+        job.finish("succeeded")

@@ -1,0 +1,105 @@
+"""The FastAPI app factory: engine, store and auth on app.state; three dialect routers on top."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+
+from engine.engine import Engine, EngineOptions, demo_registry
+from engine.files import FileStore
+from server import errors, flowise, metrics, models_api, openai, replicate
+from server.auth import Authenticator, require_identity
+from server.jobs import JobService
+from server.settings import Settings
+from server.store import Store
+
+log = logging.getLogger("ember.server")
+
+SESSION_SWEEP_S = 600
+
+
+def public_base(settings: Settings) -> str:
+    return (settings.public_url or f"http://{settings.host}:{settings.port}").rstrip("/")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        base = public_base(settings)
+        registry = await asyncio.to_thread(demo_registry, settings.home, settings.models)
+        files = FileStore(settings.files_dir)
+        engine = Engine(registry, files, EngineOptions(
+            allow_http_inputs=settings.allow_http_inputs, max_running_jobs=settings.max_queue,
+            file_url=lambda file_id: f"{base}/v1/files/{file_id}/content"))
+        store = Store(settings.db_path)
+        app.state.settings = settings
+        app.state.engine = engine
+        app.state.files = files
+        app.state.store = store
+        app.state.auth = Authenticator(settings.all_api_keys(), settings.jwt_secret)
+        app.state.jobs = JobService(engine, store, app.state.metrics, base)
+        app.state.requeue = app.state.jobs.mark_interrupted(settings.requeue_interrupted)
+        for hook in app.state.startup_hooks:
+            await hook(app)
+        await engine.start()
+        sweeper = asyncio.create_task(_sweep_sessions(store, settings.session_ttl_hours))
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            await engine.close()
+            store.close()
+
+    app = FastAPI(title="ember", version=_version(), lifespan=lifespan,
+                  description="Versioned models on GPUs behind the Replicate, OpenAI and Flowise APIs.")
+    app.state.metrics = metrics.Metrics()
+    app.state.startup_hooks = []  # routers add coroutines run once the engine exists
+    errors.install(app)
+    metrics.install(app, app.state.metrics)
+
+    @app.get("/health", tags=["health"])
+    async def health(request: Request) -> dict:
+        engine: Engine = request.app.state.engine
+        models = []
+        for version in engine.registry.versions():
+            state = engine.pool.state(version)
+            models.append({"model": version.model, "version": version.id, "kind": version.kind,
+                           "status": state.status, "error": state.error, "devices": state.devices})
+        return {"status": "ok", "models": models}
+
+    @app.get("/v1/whoami", tags=["health"])
+    async def whoami(identity: str = Depends(require_identity)) -> dict:
+        return {"identity": identity}
+
+    app.include_router(models_api.router, tags=["models"])
+    app.include_router(openai.router, tags=["openai"])
+    app.include_router(replicate.router, tags=["replicate"])
+    app.include_router(flowise.router, tags=["flowise"])
+    for router_module in (openai, replicate, flowise):
+        hook = getattr(router_module, "on_startup", None)
+        if hook is not None:
+            app.state.startup_hooks.append(hook)
+    return app
+
+
+async def _sweep_sessions(store: Store, ttl_hours: float) -> None:
+    while True:
+        try:
+            store.expire_sessions(ttl_hours)
+        except Exception:  # noqa: BLE001 - the sweep must never stop the server
+            log.exception("session sweep failed")
+        await asyncio.sleep(SESSION_SWEEP_S)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("ember")
+    except Exception:  # noqa: BLE001 - running from a source tree
+        return "0.1.0"

@@ -1,0 +1,5 @@
+"""Placeholder until the flowise dialect lands."""
+
+from fastapi import APIRouter
+
+router = APIRouter()

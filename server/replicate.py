@@ -1,0 +1,5 @@
+"""Placeholder until the replicate dialect lands."""
+
+from fastapi import APIRouter
+
+router = APIRouter()
