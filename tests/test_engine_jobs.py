@@ -1,0 +1,108 @@
+"""The Engine with real models: job lifecycle, event replay, cancellation, errors before queueing."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from engine.engine import Engine, demo_registry
+from engine.errors import InvalidInput, ModelUnavailable, PromptTooLong
+from engine.files import FileStore
+from engine.jobs import Job
+from engine.llm.types import SamplingParams
+from engine.text_task import TextTask
+
+
+@pytest.fixture()
+async def engine(settings):
+    registry = demo_registry(settings.home, settings.models)
+    engine = Engine(registry, FileStore(settings.home / "engine-test-files"))
+    yield engine
+    await engine.close()
+
+
+def _job(engine, task, ref="ember/tiny-chat") -> Job:
+    version = engine.registry.resolve(ref)
+    return Job(model=version.model, version=version.id, kind=version.kind, input={}, task=task)
+
+
+async def test_text_job_runs_to_success_and_replays(engine):
+    job = await engine.submit(_job(engine, TextTask(prompt="Hello there", params=SamplingParams(
+        max_new_tokens=12, temperature=0, ignore_eos=True))))
+    assert await job.wait(60)
+    assert job.status == "succeeded" and job.error is None
+    assert job.choices[0].completion_tokens == 12
+    assert "".join(job.output) == job.choices[0].text and job.choices[0].text
+    replayed = [e async for e in job.follow()]
+    assert replayed[-1].type == "done" and replayed[-1].data == {"status": "succeeded"}
+    assert "".join(e.data for e in replayed if e.type == "output") == job.choices[0].text
+    assert job.predict_time is not None and job.total_time >= job.predict_time
+
+
+async def test_chat_messages_use_the_chat_template(engine):
+    job = await engine.submit(_job(engine, TextTask(
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        params=SamplingParams(max_new_tokens=4, temperature=0))))
+    assert await job.wait(60) and job.status == "succeeded"
+    tokenizer = engine.pool.states[job.version].loaded.worker.tokenizer
+    expected = tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert job.prompt_tokens == len(expected)
+
+
+async def test_cancel_stops_a_running_job(engine):
+    job = await engine.submit(_job(engine, TextTask(prompt="Go on", params=SamplingParams(
+        max_new_tokens=400, temperature=0, ignore_eos=True))))
+    async for event in job.follow():
+        if event.type == "output":
+            break
+    engine.cancel(job.id)
+    assert await job.wait(30)
+    assert job.status == "canceled"
+    assert job.choices[0].completion_tokens < 400
+    engine.cancel(job.id)  # idempotent
+    assert job.status == "canceled"
+    llm = engine.pool.states[job.version].loaded.worker
+    for _ in range(100):
+        stats = llm.stats()
+        if stats["num_free_blocks"] == stats["num_total_blocks"]:
+            break
+        await asyncio.sleep(0.05)
+    assert stats["num_free_blocks"] == stats["num_total_blocks"]
+
+
+async def test_many_jobs_at_once_all_finish(engine):
+    jobs = [await engine.submit(_job(engine, TextTask(prompt=f"Request {i}", params=SamplingParams(
+        max_new_tokens=4 + i % 5, temperature=0.8, seed=i)))) for i in range(12)]
+    await asyncio.gather(*(j.wait(120) for j in jobs))
+    assert all(j.status == "succeeded" for j in jobs)
+
+
+async def test_prompt_over_the_context_fails_before_queueing(engine):
+    with pytest.raises(PromptTooLong, match="maximum context length is 512"):
+        await engine.submit(_job(engine, TextTask(prompt="word " * 600, params=SamplingParams(max_new_tokens=8))))
+    assert not engine.jobs
+
+
+async def test_clipping_instead_of_failing(engine):
+    task = TextTask(prompt="word " * 100, params=SamplingParams(max_new_tokens=5000, temperature=0),
+                    max_tokens_clip=True)
+    job = await engine.submit(_job(engine, task))
+    assert job.prompt_tokens + task.params.max_new_tokens == 512
+    engine.cancel(job.id)
+    await job.wait(30)
+
+
+async def test_bad_prompt_template_is_invalid_input(engine):
+    with pytest.raises(InvalidInput, match="prompt_template"):
+        await engine.submit(_job(engine, TextTask(prompt="x", prompt_template="no placeholder")))
+
+
+async def test_unavailable_model_fails_cleanly(engine):
+    with pytest.raises(ModelUnavailable, match="not on this machine"):
+        await engine.submit(_job(engine, TextTask(prompt="x"), ref="acme/missing"))
+    job = await engine.submit(_job(engine, TextTask(prompt="x"), ref="acme/missing"), wait_ready=False)
+    assert await job.wait(30)
+    assert job.status == "failed" and "not on this machine" in job.error
