@@ -44,11 +44,11 @@ def build_worker(version: Version, options: EngineOptions) -> Loaded:
         llm.tokenizer = tokenizer
         size = model.get_memory_footprint() + int(settings.get("kv_cache_bytes") or 0)
         return Loaded(version=version, worker=llm, devices=devices, bytes=size, close=llm.close)
-    from engine.video.families import family_for
+    from engine.schemas import video_family
     from engine.video.worker import VideoWorker
 
     pipeline, devices = load_video_pipeline(version)
-    worker = VideoWorker(pipeline, family_for(version.pipeline_class or "I2VGenXLPipeline"),
+    worker = VideoWorker(pipeline, video_family(version),
                          max_batch_size=int(version.limits.get("max_batch_size", 4)), device=devices[0])
     return Loaded(version=version, worker=worker, devices=devices, bytes=estimate_bytes(version),
                   close=worker.close)
@@ -153,8 +153,8 @@ class Engine:
         state = self.pool.states.get(job.version)
         if state is not None and state.loaded is not None:
             state.loaded.worker.abort(job.id)
-        elif job.status == "starting" and job.id in self.tasks:
-            self.tasks[job.id].cancel()
+        elif job.status == "starting":
+            job.finish("canceled")  # still loading: _execute sees cancel_requested and only releases
         return job
 
     def forget(self, job_id: str) -> None:

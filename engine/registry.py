@@ -316,8 +316,8 @@ def _pin_version(version: Version, home: Path, demo_folders: dict[str, Path], ca
         if folder is None:
             version.unavailable_reason = (f"weights for {weights.repo}@{weights.revision} are not on "
                                           "this machine; run `ember pull` where the hub is reachable")
-    if folder is not None and not any(folder.iterdir()):
-        version.unavailable_reason = f"weights folder {folder} is empty"
+    if folder is not None and (not folder.is_dir() or not any(folder.iterdir())):
+        version.unavailable_reason = f"weights folder {folder} is missing or empty"
         folder = None
     if folder is not None:
         pin: dict = {"files": weights_digest(folder, cache)}

@@ -48,12 +48,24 @@ def text_input_schema(version: Version) -> dict:
             "additionalProperties": False}
 
 
+# Version limits (models.yaml `limits:`) that bound a video input's maximum.
+VIDEO_INPUT_LIMITS = {"max_frames": "max_frames", "max_steps": "num_inference_steps",
+                      "max_width": "width", "max_height": "height"}
+
+
+def video_family(version: Version):
+    """The version's video family with its default inputs and limits applied."""
+    from engine.video.families import family_for
+
+    limits = {VIDEO_INPUT_LIMITS[k]: {"maximum": int(v)} for k, v in version.limits.items()
+              if k in VIDEO_INPUT_LIMITS}
+    return family_for(version.pipeline_class or "I2VGenXLPipeline").configure(version.default_inputs, limits)
+
+
 def input_schema(version: Version) -> dict:
     if version.kind == "text-generation":
         return text_input_schema(version)
-    from engine.video.families import family_for
-
-    return family_for(version.pipeline_class or "I2VGenXLPipeline").input_schema(version.default_inputs)
+    return video_family(version).input_schema()
 
 
 def output_schema(version: Version) -> dict:

@@ -65,6 +65,21 @@ def _tools_for_prompt(task: TextTask) -> list[dict] | None:
     return task.tools
 
 
+def _with_decoded_arguments(call: dict) -> dict:
+    """OpenAI sends tool-call arguments as a JSON string; chat templates expect a mapping
+    (a string would be JSON-encoded a second time)."""
+    function = call.get("function") or {}
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            decoded = json.loads(arguments)
+        except json.JSONDecodeError:
+            return call
+        if isinstance(decoded, dict):
+            return {**call, "function": {**function, "arguments": decoded}}
+    return call
+
+
 def render_chat(tokenizer, messages: list[dict], tools: list[dict] | None) -> str:
     """Chat template text for messages; tools go to the template, or into the system prompt when
     the template cannot take them."""
@@ -73,6 +88,8 @@ def render_chat(tokenizer, messages: list[dict], tools: list[dict] | None) -> st
     for message in messages:
         if not isinstance(message.get("content"), str) and message.get("content") is not None:
             message["content"] = _message_text(message["content"])
+        if message.get("tool_calls"):
+            message["tool_calls"] = [_with_decoded_arguments(c) for c in message["tool_calls"]]
     if tools and "tools" not in template:
         listing = "\n".join(json.dumps(t.get("function", t)) for t in tools)
         preamble = ("You can call these tools. To call one, answer only with "
@@ -121,11 +138,15 @@ def prepare(task: TextTask, job: Job, version: Version, tokenizer, max_model_len
         if task.max_tokens_clip and len(ids) < max_model_len:
             params.max_new_tokens = max_model_len - len(ids)
         else:
-            raise PromptTooLong(len(ids), params.max_new_tokens, max_model_len)
+            raise PromptTooLong(len(ids), 1 if task.max_tokens_clip else params.max_new_tokens, max_model_len)
+    outside = [t for t in params.logit_bias if not 0 <= t < len(tokenizer)]
+    if outside:
+        raise InvalidInput(f"logit_bias token ids must be between 0 and {len(tokenizer) - 1}; got {outside[:5]}",
+                           param="logit_bias")
     job.prompt_tokens = len(ids)
     request = GenerationRequest(request_id=job.id, prompt_token_ids=ids, params=params)
     if task.response_format or (tools and task.tool_choice not in (None, "auto", "none")):
-        from engine.llm.constraints import constraint_factory
+        from engine.llm.grammar import constraint_factory
 
         request.constraint_factory = constraint_factory(tokenizer, task.response_format, tools,
                                                         task.tool_choice)

@@ -1,0 +1,97 @@
+"""Constrained decoding (engine/llm/grammar.py) on the tiny chat tokenizer, driven by random logits:
+whatever the model prefers, the output follows the grammar and ends when it is complete."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+import torch
+
+from engine.errors import InvalidInput
+from engine.llm.constraints import Constraint
+from engine.llm.grammar import constraint_factory
+from engine.llm.tools import ToolCallStream
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "required": ["unit", "days"],
+    "properties": {"unit": {"enum": ["c", "f"]}, "days": {"type": "integer", "minimum": 1, "maximum": 7}}}}}
+NOOP = {"type": "function", "function": {"name": "noop"}}
+SCHEMA = {"type": "object", "required": ["ok", "n"], "additionalProperties": False,
+          "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 99}}}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(demo_folders):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(demo_folders["tiny-chat"])
+
+
+def walk(tokenizer, factory, seed: int, padded_vocab: int = 0, bias: dict[int, float] | None = None) -> str:
+    """Sample from random logits under the constraint until it is done."""
+    constraint = factory(0)
+    assert isinstance(constraint, Constraint)
+    generator = torch.Generator().manual_seed(seed)
+    vocab = len(tokenizer) + padded_vocab
+    out = []
+    for _ in range(200):
+        mask = constraint.allowed_token_mask(vocab)
+        assert mask.shape == (vocab,) and not mask[len(tokenizer):].any()
+        logits = torch.randn(vocab, generator=generator)
+        for token, value in (bias or {}).items():
+            logits[token] += value
+        token = int(logits.masked_fill(~mask, float("-inf")).argmax())
+        constraint.accept(token)
+        out.append(token)
+        if constraint.is_done():
+            return tokenizer.decode(out)
+    raise AssertionError(f"constraint never finished: {tokenizer.decode(out)!r}")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_required_tool_call_matches_a_tool_schema(tokenizer, seed):
+    factory = constraint_factory(tokenizer, None, [WEATHER, NOOP], "required")
+    text = walk(tokenizer, factory, seed, padded_vocab=30)
+    parser = ToolCallStream(["get_weather", "noop"])
+    content, _ = parser.feed(text)
+    assert content + parser.finish()[0] == ""
+    (call,) = parser.calls
+    arguments = json.loads(call["function"]["arguments"])
+    tool = WEATHER if call["function"]["name"] == "get_weather" else NOOP
+    jsonschema.validate(arguments, tool["function"].get("parameters") or {"type": "object", "maxProperties": 0})
+
+
+def test_named_tool_choice_forces_that_tool(tokenizer):
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    for seed in range(3):
+        text = walk(tokenizer, constraint_factory(tokenizer, None, [NOOP, WEATHER], choice), seed)
+        assert text.startswith('<tool_call>{"name": "get_weather", "arguments": {"unit": ')
+    with pytest.raises(InvalidInput):
+        constraint_factory(tokenizer, None, [NOOP], {"type": "function", "function": {"name": "nope"}})
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_json_schema_output_validates(tokenizer, seed):
+    factory = constraint_factory(tokenizer, {"type": "json_schema", "json_schema": {"name": "r", "schema": SCHEMA}},
+                                 None, "auto")
+    jsonschema.validate(json.loads(walk(tokenizer, factory, seed)), SCHEMA)
+
+
+def test_json_object_is_an_object(tokenizer):
+    braces = {tokenizer.convert_tokens_to_ids(b): 50.0 for b in "{}"}
+    factory = constraint_factory(tokenizer, {"type": "json_object"}, None, "auto")
+    assert json.loads(walk(tokenizer, factory, 0, bias=braces)) == {}
+
+
+def test_free_output_has_no_constraint(tokenizer):
+    assert constraint_factory(tokenizer, {"type": "text"}, None, "auto") is None
+    assert constraint_factory(tokenizer, None, [WEATHER], "auto") is None
+
+
+@pytest.mark.parametrize("response_format", [{"type": "json_schema"}, {"type": "yaml"},
+                                             {"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}])
+def test_bad_response_formats_are_input_errors(tokenizer, response_format):
+    with pytest.raises(InvalidInput):
+        constraint_factory(tokenizer, response_format, None, "auto")
