@@ -96,10 +96,15 @@ class Engine:
     async def _prepare(self, job: Job, version: Version):
         loaded = await asyncio.to_thread(self.pool.acquire, version)
         try:
+            # Tokenizing, grammar compiling and image decoding are CPU work: keep them off the loop.
             if version.kind == "text-generation":
                 llm = loaded.worker
-                return loaded, text_task.prepare(job.task, job, version, llm.tokenizer, llm.max_model_len)
-            return loaded, video_task.prepare(job.task, job, self.files, self.options.allow_http_inputs)
+                prepared = await asyncio.to_thread(text_task.prepare, job.task, job, version, llm.tokenizer,
+                                                   llm.max_model_len)
+            else:
+                prepared = await asyncio.to_thread(video_task.prepare, job.task, job, self.files,
+                                                   self.options.allow_http_inputs)
+            return loaded, prepared
         except BaseException:
             self.pool.release(version)
             raise

@@ -16,11 +16,27 @@ from server.store import Store
 SAVE_INTERVAL_S = 0.5
 
 
+def request_base_url(request) -> str:
+    """The base for links in answers: the configured public URL, else the one the caller used."""
+    return (request.app.state.settings.public_url or str(request.base_url)).rstrip("/")
+
+
+def prediction_urls(prediction_id: str, base_url: str) -> dict:
+    base = f"{base_url.rstrip('/')}/v1/predictions/{prediction_id}"
+    return {"get": base, "cancel": f"{base}/cancel", "stream": f"{base}/stream"}
+
+
+def partial_output(job: Job):
+    """The output so far: a text job's chunks grow while it runs (clients poll them as an iterator)."""
+    if job.output is not None or job.kind != "text-generation":
+        return job.output
+    chunks = [e.data for e in job.events if e.type == "output" and e.choice == 0 and e.data]
+    return chunks or None
+
+
 def prediction_doc(job: Job, base_url: str) -> dict:
     """The Replicate prediction object for a job (no nulls where the client needs strings)."""
-    base = base_url.rstrip("/")
-    urls = {"get": f"{base}/v1/predictions/{job.id}", "cancel": f"{base}/v1/predictions/{job.id}/cancel",
-            "stream": f"{base}/v1/predictions/{job.id}/stream"}
+    urls = prediction_urls(job.id, base_url)
     metrics: dict = {}
     if job.predict_time is not None:
         metrics["predict_time"] = job.predict_time
@@ -32,10 +48,11 @@ def prediction_doc(job: Job, base_url: str) -> dict:
         metrics["output_token_count"] = sum(c.completion_tokens for c in job.choices)
     return {
         "id": job.id, "model": job.model, "version": job.version, "input": job.input,
-        "output": job.output, "logs": job.logs, "error": job.error, "status": job.status,
+        "output": partial_output(job), "logs": job.logs, "error": job.error, "status": job.status,
         "created_at": job.created_at, "started_at": job.started_at, "completed_at": job.completed_at,
         "urls": urls, "metrics": metrics, "data_removed": False, "source": job.source,
-        "webhook": job.webhook, "_owner": job.owner,
+        "webhook": job.webhook, "webhook_events_filter": list(job.webhook_events_filter),
+        "_owner": job.owner,
     }
 
 
@@ -79,10 +96,13 @@ class JobService:
         if requeue:
             return unfinished
         for doc in unfinished:
-            doc.update(status="failed", error="interrupted: the server stopped before this prediction finished",
-                       completed_at=doc.get("completed_at") or _now())
-            self.store.save_prediction(doc)
+            self.fail_interrupted(doc)
         return []
+
+    def fail_interrupted(self, doc: dict) -> None:
+        doc.update(status="failed", error="interrupted: the server stopped before this prediction finished",
+                   completed_at=doc.get("completed_at") or _now())
+        self.store.save_prediction(doc)
 
 
 def _now() -> str:
