@@ -29,6 +29,7 @@ class EngineOptions:
     max_running_jobs: int = 1024
     file_url: Callable[[str], str] = lambda file_id: f"/v1/files/{file_id}/content"
     memory_budgets: dict[str, int] | None = None
+    job_retention_s: float = 300.0  # finished jobs stay in memory this long (the store keeps them)
     llm_overrides: dict = field(default_factory=dict)  # LLMEngineConfig fields for every text model
 
 
@@ -88,10 +89,16 @@ class Engine:
             except BaseException:
                 self.jobs.pop(job.id, None)
                 raise
-            self.tasks[job.id] = asyncio.create_task(self._execute(job, version, prepared))
+            task = asyncio.create_task(self._execute(job, version, prepared))
         else:
-            self.tasks[job.id] = asyncio.create_task(self._prepare_and_execute(job, version))
+            task = asyncio.create_task(self._prepare_and_execute(job, version))
+        self.tasks[job.id] = task
+        task.add_done_callback(lambda _: self._task_done(job.id))
         return job
+
+    def _task_done(self, job_id: str) -> None:
+        self.tasks.pop(job_id, None)
+        asyncio.get_running_loop().call_later(self.options.job_retention_s, self.forget, job_id)
 
     async def _prepare(self, job: Job, version: Version):
         loaded = await asyncio.to_thread(self.pool.acquire, version)
@@ -141,7 +148,6 @@ class Engine:
             job.finish("failed", f"{type(exc).__name__}: {exc}")
         finally:
             self.pool.release(version)
-            self.tasks.pop(job.id, None)
 
     def get(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)

@@ -106,3 +106,14 @@ async def test_unavailable_model_fails_cleanly(engine):
     job = await engine.submit(_job(engine, TextTask(prompt="x"), ref="acme/missing"), wait_ready=False)
     assert await job.wait(30)
     assert job.status == "failed" and "not on this machine" in job.error
+
+
+async def test_finished_jobs_leave_memory_after_the_retention_window(engine):
+    engine.options.job_retention_s = 0.01
+    job = await engine.submit(_job(engine, TextTask(prompt="x", params=SamplingParams(max_new_tokens=2))))
+    assert await job.wait(30)
+    for _ in range(100):
+        if job.id not in engine.jobs:
+            break
+        await asyncio.sleep(0.02)
+    assert job.id not in engine.jobs and job.id not in engine.tasks
