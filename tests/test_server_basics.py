@@ -42,7 +42,7 @@ def test_jwt_bearer_tokens(settings):
     with TestClient(app) as bare:
         good = jwt.encode({"sub": "alice"}, "a-test-secret-of-at-least-32-bytes!!", algorithm="HS256")
         assert bare.get("/v1/whoami", headers={"Authorization": f"Bearer {good}"}).json() == {"identity": "jwt:alice"}
-        forged = jwt.encode({"sub": "alice"}, "other", algorithm="HS256")
+        forged = jwt.encode({"sub": "alice"}, "another-secret-that-is-32-bytes-long", algorithm="HS256")
         assert bare.get("/v1/whoami", headers={"Authorization": f"Bearer {forged}"}).status_code == 401
 
 
