@@ -19,6 +19,20 @@ class InvalidInput(EmberError):
     code = "invalid_input"
 
 
+class BadRequest(InvalidInput):
+    """Malformed input that the dialect answers with 400 rather than 422."""
+
+    status = 400
+    code = "bad_request"
+
+
+class JobFailed(EmberError):
+    """A synchronous request whose job failed while running."""
+
+    status = 500
+    code = "job_failed"
+
+
 class ModelNotFound(EmberError):
     status = 404
     code = "model_not_found"

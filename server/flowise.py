@@ -26,7 +26,7 @@ from pydantic import BaseModel, ValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.datastructures import UploadFile
 
-from engine.errors import EmberError, InvalidInput, ModelNotFound, NotFound
+from engine.errors import BadRequest, JobFailed, ModelNotFound, NotFound
 from engine.jobs import Job
 from engine.llm.types import SamplingParams
 from engine.registry import Flow, Version
@@ -44,16 +44,6 @@ DISCONNECT_POLL_S = 1.0
 RATINGS = ("THUMBS_UP", "THUMBS_DOWN")
 SYSTEM_OVERRIDES = ("systemMessage", "systemMessagePrompt")
 FLOW_VARIABLE = re.compile(r"\{\{\s*\$vars\.([A-Za-z0-9_]+)\s*\}\}")
-
-
-class BadRequest(InvalidInput):
-    status = 400
-    code = "bad_request"
-
-
-class PredictionFailed(EmberError):
-    status = 500
-    code = "prediction_failed"
 
 
 # ------------------------------------------------------------------ request bodies
@@ -398,7 +388,7 @@ async def predict(flow_id: str, request: Request):
                                    ping_message_factory=lambda: ServerSentEvent(comment="heartbeat"))
     await _wait(request, job)
     if job.status != "succeeded":
-        raise PredictionFailed(_failure(job))
+        raise JobFailed(_failure(job))
     answer = _answer_text(job)
     request.app.state.engine.forget(job.id)
     return {"text": answer, **turn.reply(store, answer), "isStreamValid": False}

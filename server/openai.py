@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from engine.errors import EmberError, InvalidInput
+from engine.errors import BadRequest, InvalidInput, JobFailed
 from engine.jobs import Choice, Event, Job
 from engine.llm.types import SamplingParams, TokenLogprob
 from engine.registry import Version
@@ -36,16 +36,6 @@ MAX_N = 16
 OPENAI_FINISH = {"stop", "length", "tool_calls"}
 SAMPLING_DEFAULTS = ("max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "min_p",
                      "repetition_penalty", "presence_penalty", "frequency_penalty", "seed")
-
-
-class NotATextModel(EmberError):
-    status = 400
-    code = "model_not_supported"
-
-
-class GenerationFailed(EmberError):
-    status = 500
-    code = "generation_failed"
 
 
 # ---------------------------------------------------------------------------- request bodies
@@ -156,7 +146,7 @@ def text_version(request: Request, model: str | None) -> Version:
         return version
     version = registry.resolve(model)
     if version.kind != "text-generation":
-        raise NotATextModel(f"Model '{model}' is a {version.kind} model; chat and text completions need a "
+        raise BadRequest(f"Model '{model}' is a {version.kind} model; chat and text completions need a "
                             "text-generation model.", param="model")
     return version
 
@@ -385,7 +375,7 @@ def _data(payload: dict | str) -> ServerSentEvent:
 
 def _error_payload(job: Job) -> dict:
     return {"error": {"message": job.error or "generation failed", "type": "server_error", "param": None,
-                      "code": GenerationFailed.code}}
+                      "code": JobFailed.code}}
 
 
 async def stream_events(request: Request, job: Job, shape: Shape, on_success) -> AsyncIterator[ServerSentEvent]:
@@ -426,7 +416,7 @@ async def respond(request: Request, job: Job, shape: Shape, stream: bool, on_suc
     await wait_or_cancel(request, job)
     request.app.state.engine.forget(job.id)
     if job.status == "failed":
-        raise GenerationFailed(job.error or "generation failed")
+        raise JobFailed(job.error or "generation failed")
     if job.status == "succeeded":
         on_success()
     return JSONResponse(shape.completion(), headers=headers)
