@@ -488,8 +488,7 @@ def _newest_first(order: str | None, where: str) -> bool:
 def _owned_messages(request: Request, identity: str, flow: Flow, **filters: Any) -> list[dict]:
     """The flow's messages in sessions the caller owns."""
     store: Store = request.app.state.store
-    owned = {s["id"] for s in store.list_sessions(identity)}
-    return [m for m in store.messages(flow_id=flow.id, **filters) if m["session_id"] in owned]
+    return store.messages(flow_id=flow.id, owner=identity, **filters)
 
 
 def _feedback_doc(row: dict) -> dict:

@@ -165,12 +165,16 @@ class Store:
 
     def messages(self, *, session_id: str | None = None, flow_id: str | None = None,
                  chat_id: str | None = None, since: str | None = None, until: str | None = None,
-                 newest_first: bool = False) -> list[dict]:
+                 owner: str | None = None, newest_first: bool = False) -> list[dict]:
+        """Messages matching every filter given; `owner` keeps those of sessions it owns."""
         sql, args = "SELECT * FROM messages WHERE 1=1", []
         for column, value in (("session_id", session_id), ("flow_id", flow_id), ("chat_id", chat_id)):
             if value is not None:
                 sql += f" AND {column} = ?"
                 args.append(value)
+        if owner is not None:
+            sql += " AND session_id IN (SELECT id FROM sessions WHERE owner = ?)"
+            args.append(owner)
         if since:
             sql += " AND created_at >= ?"
             args.append(since)
