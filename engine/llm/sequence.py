@@ -1,0 +1,69 @@
+"""Per-choice state: one `Sequence` per completion the engine is producing.
+
+A request with n choices becomes n sequences. The scheduler, block manager, runner and sampler
+all work on sequences; only the engine knows about requests and their asyncio queues.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from engine.llm.constraints import Constraint
+    from engine.llm.detokenizer import IncrementalDetokenizer
+    from engine.llm.types import FinishReason, SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request_id: str
+    index: int  # choice index within its request
+    token_ids: list[int]  # prompt followed by generated tokens
+    num_prompt_tokens: int
+    params: SamplingParams
+    priority: int = 0
+    arrival: int = 0  # global admission order; with priority, the scheduling key
+    status: SeqStatus = SeqStatus.WAITING
+    num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # content hashes of full blocks
+    num_published_blocks: int = 0  # leading blocks already offered to the prefix cache
+    num_runs: int = 0  # runs of consecutive block ids in block_table (1 = contiguous KV)
+    region: tuple[int, int] | None = None  # blocks softly reserved for this sequence's growth
+    stop_token_ids: frozenset[int] = frozenset()
+    generator: torch.Generator | None = None
+    constraint: Constraint | None = None
+    detokenizer: IncrementalDetokenizer | None = None
+    finish_reason: FinishReason | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def sort_key(self) -> tuple[int, int, int]:
+        """Lower runs first: priority, then arrival (FIFO), then choice index."""
+        return (self.priority, self.arrival, self.index)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED

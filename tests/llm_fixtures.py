@@ -1,0 +1,97 @@
+"""Shared fixtures and helpers for the LLM engine tests (import the fixtures into a test module).
+
+Models are tiny, random and float32; the tokenizer and chat model come from engine.demo. Every
+engine gets its own deep copy of a model, because the engine switches the model to its paged
+attention, while reference outputs come from an untouched copy running `model.generate`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import random
+
+import pytest
+import torch
+
+from engine.llm.engine import LLMEngine, LLMEngineConfig
+from engine.llm.types import GenerationDelta, GenerationRequest, SamplingParams
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tmp_path_factory):
+    from engine.demo import build_tiny_chat
+
+    return build_tiny_chat(tmp_path_factory.mktemp("llm") / "tiny-chat")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_chat_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_chat_dir)
+
+
+@pytest.fixture(scope="session")
+def llama(tiny_chat_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_chat_dir, dtype=torch.float32).eval()
+
+
+def make_engine(model, tokenizer, **config) -> LLMEngine:
+    config.setdefault("kv_cache_bytes", 8 * 2**20)
+    return LLMEngine(copy.deepcopy(model), tokenizer, LLMEngineConfig(**config))
+
+
+def random_prompts(count: int, vocab: int, seed: int = 0, shared_prefix: int = 40,
+                   lengths: tuple[int, int] = (1, 90)) -> list[list[int]]:
+    """Prompts of varied lengths; every third one starts with the same 'system prompt'."""
+    rng = random.Random(seed)
+    system = [rng.randrange(10, vocab) for _ in range(shared_prefix)]
+    prompts = []
+    for i in range(count):
+        body = [rng.randrange(10, vocab) for _ in range(rng.randint(*lengths))]
+        prompts.append(system + body if i % 3 == 0 else body)
+    return prompts
+
+
+_reference_cache: dict = {}
+
+
+def reference_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """What transformers' own generate() produces (greedy, stops at EOS like the engine does)."""
+    key = (id(model), tuple(prompt), max_new_tokens)
+    if key not in _reference_cache:
+        with torch.inference_mode():
+            out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                 max_new_tokens=max_new_tokens, do_sample=False)
+        _reference_cache[key] = out[0, len(prompt):].tolist()
+    return _reference_cache[key]
+
+
+async def collect(engine: LLMEngine, request: GenerationRequest) -> dict[int, list[GenerationDelta]]:
+    """All deltas of a request, per choice."""
+    out: dict[int, list[GenerationDelta]] = {}
+    async for delta in engine.generate(request):
+        out.setdefault(delta.index, []).append(delta)
+    return out
+
+
+def run_all(engine: LLMEngine, requests: list[GenerationRequest]) -> list[dict[int, list[GenerationDelta]]]:
+    async def main():
+        return await asyncio.gather(*(collect(engine, r) for r in requests))
+
+    return asyncio.run(main())
+
+
+def tokens_of(deltas: list[GenerationDelta]) -> list[int]:
+    return [t for d in deltas for t in d.token_ids]
+
+
+def text_of(deltas: list[GenerationDelta]) -> str:
+    return "".join(d.text for d in deltas)
+
+
+def greedy(max_new_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, **kw)

@@ -1,0 +1,271 @@
+"""Engine behaviour: seeds, stop strings, abort and disconnects, limits, n > 1, logprobs,
+constraints, priorities, error isolation, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from engine.errors import InvalidInput, PromptTooLong, QueueFull
+from engine.llm.constraints import ForcedTokens
+from engine.llm.types import GenerationRequest, SamplingParams
+from tests.llm_fixtures import (  # noqa: F401 (fixtures)
+    collect,
+    greedy,
+    llama,
+    make_engine,
+    random_prompts,
+    reference_greedy,
+    run_all,
+    text_of,
+    tiny_chat_dir,
+    tokenizer,
+    tokens_of,
+)
+
+
+@pytest.fixture
+def engine(llama, tokenizer):
+    engine = make_engine(llama, tokenizer)
+    yield engine
+    engine.close()
+
+
+def assert_all_blocks_free(engine):
+    stats = engine.stats()
+    assert stats["num_free_blocks"] == stats["num_total_blocks"]
+    assert stats["running"] == 0 and stats["waiting"] == 0 and stats["active_requests"] == 0
+
+
+async def wait_idle(engine):
+    """Wait (by polling, bounded by steps not time) until the engine has nothing in flight."""
+    for _ in range(10_000):
+        if engine.stats()["active_requests"] == 0 and engine.stats()["running"] == 0:
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("engine never went idle")
+
+
+def test_seeded_sampling_is_reproducible_alone_and_in_a_busy_batch(engine, tokenizer):
+    prompt = random_prompts(1, len(tokenizer), seed=11)[0]
+    params = SamplingParams(max_new_tokens=24, temperature=1.0, top_p=0.9, seed=7)
+    alone = tokens_of(run_all(engine, [GenerationRequest("alone", prompt, params)])[0][0])
+    others = [GenerationRequest(f"o{i}", p, SamplingParams(max_new_tokens=30, temperature=1.3))
+              for i, p in enumerate(random_prompts(12, len(tokenizer), seed=12))]
+    results = run_all(engine, others[:6] + [GenerationRequest("busy", prompt, params)] + others[6:])
+    assert tokens_of(results[6][0]) == alone
+    other_seed = SamplingParams(max_new_tokens=24, temperature=1.0, top_p=0.9, seed=8)
+    assert tokens_of(run_all(engine, [GenerationRequest("s8", prompt, other_seed)])[0][0]) != alone
+    assert_all_blocks_free(engine)
+
+
+def test_stop_strings_are_never_emitted(engine, llama, tokenizer):
+    prompt = tokenizer("The weather today is")["input_ids"]
+    full = text_of(run_all(engine, [GenerationRequest("full", prompt, greedy(40))])[0][0])
+    stop = full[12:15]
+    assert len(stop) == 3 and stop.strip()
+    result = run_all(engine, [GenerationRequest("stopped", prompt, greedy(40, stop=["zzzz-not-there", stop]))])[0][0]
+    text = text_of(result)
+    assert text == full[:full.find(stop)]
+    assert result[-1].finish_reason == "stop"
+    seen = ""
+    for delta in result:
+        seen += delta.text
+        assert stop not in seen and full.startswith(seen)
+    assert_all_blocks_free(engine)
+
+
+def test_abort_and_disconnect_free_every_block(engine, tokenizer):
+    prompts = random_prompts(10, len(tokenizer), seed=13)
+
+    async def main():
+        long = SamplingParams(max_new_tokens=300, ignore_eos=True, temperature=0.8)
+        finished = [asyncio.create_task(collect(engine, GenerationRequest(f"f{i}", p, greedy(5))))
+                    for i, p in enumerate(prompts[:4])]
+        aborted = [asyncio.create_task(collect(engine, GenerationRequest(f"a{i}", p, long)))
+                   for i, p in enumerate(prompts[4:7])]
+        gone = []
+        for i, p in enumerate(prompts[7:]):  # consumers that stop reading after two deltas
+            stream = engine.generate(GenerationRequest(f"d{i}", p, long))
+            gone.append([await stream.__anext__(), await stream.__anext__()])
+            await stream.aclose()
+        for i in range(3):
+            engine.abort(f"a{i}")
+        engine.abort("no-such-request")
+        done = await asyncio.gather(*finished, *aborted)
+        await wait_idle(engine)
+        return done
+
+    done = asyncio.run(main())
+    for result in done[:4]:
+        assert result[0][-1].finish_reason in ("length", "stop")
+    for result in done[4:]:
+        finals = [d for d in result[0] if d.finish_reason]
+        assert len(finals) == 1 and finals[0] is result[0][-1] and finals[0].finish_reason == "abort"
+    assert_all_blocks_free(engine)
+
+
+def test_cancelled_task_aborts_its_request(engine, tokenizer):
+    async def main():
+        task = asyncio.create_task(collect(engine, GenerationRequest(
+            "c", [5, 6, 7], SamplingParams(max_new_tokens=500, ignore_eos=True))))
+        while engine.stats()["running"] == 0:
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await wait_idle(engine)
+
+    asyncio.run(main())
+    assert_all_blocks_free(engine)
+
+
+def test_prompt_too_long_is_raised_before_queueing(engine):
+    async def main(prompt_len, max_new):
+        request = GenerationRequest("long", [5] * prompt_len, SamplingParams(max_new_tokens=max_new))
+        return await collect(engine, request)
+
+    with pytest.raises(PromptTooLong) as info:
+        asyncio.run(main(engine.max_model_len - 10, 11))
+    assert info.value.max_model_len == engine.max_model_len and info.value.prompt_tokens == engine.max_model_len - 10
+    with pytest.raises(InvalidInput):
+        asyncio.run(main(3, 0))
+    assert asyncio.run(main(engine.max_model_len - 2, 2))[0][-1].finish_reason is not None
+    assert engine.stats()["waiting"] == 0
+
+
+def test_queue_full(llama, tokenizer):
+    engine = make_engine(llama, tokenizer, max_num_seqs=1, max_queue=3)
+
+    async def main():
+        params = SamplingParams(max_new_tokens=400, ignore_eos=True)
+        tasks = []
+        for i in range(4):
+            tasks.append(asyncio.create_task(collect(engine, GenerationRequest(f"q{i}", [5, 6], params))))
+            await asyncio.sleep(0)
+        with pytest.raises(QueueFull):
+            await collect(engine, GenerationRequest("q4", [5, 6], params))
+        for i in range(4):
+            engine.abort(f"q{i}")
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        results = asyncio.run(main())
+        assert sum(isinstance(r, dict) for r in results) >= 3
+    finally:
+        engine.close()
+
+
+def test_duplicate_request_ids_are_refused(engine):
+    async def main():
+        task = asyncio.create_task(collect(engine, GenerationRequest("dup", [5], SamplingParams(max_new_tokens=300))))
+        await asyncio.sleep(0)
+        with pytest.raises(InvalidInput):
+            await collect(engine, GenerationRequest("dup", [6], SamplingParams(max_new_tokens=3)))
+        engine.abort("dup")
+        await task
+
+    asyncio.run(main())
+
+
+def test_n_choices_share_the_prompt(engine, llama, tokenizer):
+    prompt = random_prompts(1, len(tokenizer), seed=14, lengths=(50, 50))[0]
+    result = run_all(engine, [GenerationRequest("n-greedy", prompt, greedy(12, n=3))])[0]
+    assert engine.stats()["prefix_cache_hit_tokens"] == 0  # shared by forking, not by lookup
+    assert sorted(result) == [0, 1, 2]
+    expected = reference_greedy(llama, prompt, 12)
+    for index, deltas in result.items():
+        assert tokens_of(deltas) == expected
+        assert [d.finish_reason is not None for d in deltas].count(True) == 1
+    sampled = run_all(engine, [GenerationRequest("n-sampled", prompt, SamplingParams(
+        max_new_tokens=16, temperature=1.0, n=4, seed=3))])[0]
+    assert len({tuple(tokens_of(d)) for d in sampled.values()}) == 4
+    assert_all_blocks_free(engine)
+
+
+def test_logprobs(engine, llama, tokenizer):
+    prompt = random_prompts(1, len(tokenizer), seed=15)[0]
+    deltas = run_all(engine, [GenerationRequest("lp", prompt, greedy(6, logprobs=3))])[0][0]
+    for delta in deltas:
+        (lp,) = delta.logprobs
+        assert lp.token_id == delta.token_ids[0] == lp.top[0][0]
+        assert lp.logprob == pytest.approx(lp.top[0][2]) and lp.logprob <= 0
+        assert [t[2] for t in lp.top] == sorted((t[2] for t in lp.top), reverse=True) and len(lp.top) == 3
+        assert lp.token == tokenizer.decode([lp.token_id])
+
+
+def test_constraint_hook(engine, tokenizer):
+    forced = tokenizer("steamed hams", add_special_tokens=False)["input_ids"]
+    calls = []
+
+    def factory(index):
+        calls.append(index)
+        return ForcedTokens(forced)
+
+    request = GenerationRequest("json", [5, 6, 7], SamplingParams(max_new_tokens=50, temperature=1.0, n=2),
+                                constraint_factory=factory)
+    result = run_all(engine, [request])[0]
+    assert sorted(calls) == [0, 1]
+    for deltas in result.values():
+        assert tokens_of(deltas) == forced
+        assert text_of(deltas) == "steamed hams" and deltas[-1].finish_reason == "stop"
+    assert_all_blocks_free(engine)
+
+
+def test_priority_orders_waiting_requests(llama, tokenizer):
+    engine = make_engine(llama, tokenizer, max_num_seqs=1)
+
+    async def main():
+        order = []
+
+        async def run(rid, priority, n):
+            await collect(engine, GenerationRequest(rid, [5, 6], SamplingParams(max_new_tokens=n, ignore_eos=True),
+                                                    priority=priority))
+            order.append(rid)
+
+        first = asyncio.create_task(run("first", 0, 200))
+        while engine.stats()["running"] == 0:
+            await asyncio.sleep(0.001)
+        await asyncio.gather(first, run("low", 5, 2), run("high", 1, 2), run("low-2", 5, 2))
+        return order
+
+    try:
+        assert asyncio.run(main()) == ["first", "high", "low", "low-2"]
+    finally:
+        engine.close()
+
+
+def test_a_failing_step_fails_only_its_requests(engine, llama, tokenizer):
+    real_execute = engine.runner.execute
+    calls = {"n": 0}
+
+    def flaky(seqs, num_tokens):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated device failure")
+        return real_execute(seqs, num_tokens)
+
+    engine.runner.execute = flaky
+    prompts = random_prompts(3, len(tokenizer), seed=16)
+    failed = run_all(engine, [GenerationRequest(f"e{i}", p, greedy(10)) for i, p in enumerate(prompts)])
+    for result in failed:
+        assert result[0][-1].finish_reason == "error" and "simulated device failure" in result[0][-1].error
+    after = run_all(engine, [GenerationRequest("after", prompts[0], greedy(10))])[0][0]
+    assert tokens_of(after) == reference_greedy(llama, prompts[0], 10)
+    assert engine.stats()["failed_steps"] == 1
+    assert_all_blocks_free(engine)
+
+
+def test_close_ends_streams_with_abort(llama, tokenizer):
+    engine = make_engine(llama, tokenizer)
+
+    async def main():
+        task = asyncio.create_task(collect(engine, GenerationRequest(
+            "x", [5, 6], SamplingParams(max_new_tokens=1000, ignore_eos=True))))
+        while engine.stats()["running"] == 0:
+            await asyncio.sleep(0.001)
+        await asyncio.get_running_loop().run_in_executor(None, engine.close)
+        return await task
+
+    assert asyncio.run(main())[0][-1].finish_reason == "abort"

@@ -1,0 +1,141 @@
+"""The sampler on controlled logits: each parameter changes the distribution as defined, per row."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from engine.llm.constraints import ForcedTokens
+from engine.llm.sampler import sample
+from engine.llm.sequence import Sequence
+from engine.llm.types import SamplingParams
+
+V = 8
+
+
+def seq(prompt=(1, 2), output=(), stop_ids=(), seed=None, constraint=None, **params) -> Sequence:
+    s = Sequence(seq_id=0, request_id="r", index=0, token_ids=list(prompt) + list(output),
+                 num_prompt_tokens=len(prompt), params=SamplingParams(**params),
+                 stop_token_ids=frozenset(stop_ids), constraint=constraint)
+    if seed is not None:
+        s.generator = torch.Generator().manual_seed(seed)
+    return s
+
+
+LOGITS = torch.tensor([3.0, 2.0, 1.0, 0.5, 0.0, -1.0, -2.0, -3.0])
+
+
+def draw(seqs, rounds):
+    """Empirical token frequencies for each sequence's settings: `rounds` rows of each, one batch."""
+    rows = [s for s in seqs for _ in range(rounds)]
+    result = sample(LOGITS.repeat(len(rows), 1), rows, torch.Generator().manual_seed(0))
+    tokens = torch.tensor(result.token_ids).view(len(seqs), rounds)
+    return torch.stack([torch.bincount(t, minlength=V) for t in tokens]).float() / rounds
+
+
+def test_greedy_rows_take_the_argmax_next_to_sampled_rows():
+    logits = torch.tensor([[0.0, 5.0, 1.0, 0, 0, 0, 0, 0], [9.0, 0, 0, 0, 0, 0, 0, 1.0]])
+    for _ in range(20):
+        result = sample(logits.clone(), [seq(temperature=0.0), seq(temperature=5.0)])
+        assert result.token_ids[0] == 1
+
+
+def test_temperature_matches_softmax_of_scaled_logits():
+    freq = draw([seq(temperature=1.0), seq(temperature=2.0)], rounds=4000)
+    for row, t in enumerate([1.0, 2.0]):
+        expected = (LOGITS / t).softmax(-1)
+        assert torch.allclose(freq[row], expected, atol=0.03)
+
+
+def test_top_k_keeps_only_the_k_best():
+    freq = draw([seq(top_k=3), seq(top_k=0)], rounds=1500)
+    assert freq[0, 3:].sum() == 0
+    expected = LOGITS[:3].softmax(-1)
+    assert torch.allclose(freq[0, :3], expected, atol=0.04)
+    assert freq[1, 3:].sum() > 0  # the neighbour row is not filtered
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    probs = LOGITS.softmax(-1)  # 0.63, 0.23, 0.086, ...
+    freq = draw([seq(top_p=0.8)], rounds=1500)
+    assert probs[0] < 0.8 <= probs[:2].sum()
+    assert freq[0, 2:].sum() == 0
+    assert torch.allclose(freq[0, :2], probs[:2] / probs[:2].sum(), atol=0.04)
+
+
+def test_min_p_drops_tokens_below_a_share_of_the_best():
+    probs = LOGITS.softmax(-1)
+    freq = draw([seq(min_p=0.1)], rounds=1500)
+    allowed = probs >= 0.1 * probs.max()
+    assert freq[0, ~allowed].sum() == 0
+    assert torch.allclose(freq[0, allowed], probs[allowed] / probs[allowed].sum(), atol=0.04)
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
+    s = seq(prompt=(0,), output=(5,), repetition_penalty=2.0, temperature=0.0, logprobs=V)
+    result = sample(LOGITS[None].clone(), [s])
+    processed = LOGITS.clone()
+    processed[0] = 3.0 / 2.0
+    processed[5] = -1.0 * 2.0
+    expected = processed.log_softmax(-1)
+    chosen, top = result.logprobs[0]
+    assert dict(top) == pytest.approx({i: expected[i].item() for i in range(V)}, abs=1e-5)
+    assert result.token_ids == [1]  # token 0 (3.0 -> 1.5) lost to token 1 (2.0)
+
+
+def test_presence_and_frequency_penalties_count_output_tokens_only():
+    s = seq(prompt=(3, 3, 3), output=(0, 0, 1), presence_penalty=0.5, frequency_penalty=1.0,
+            temperature=0.0, logprobs=V)
+    result = sample(LOGITS[None].clone(), [s])
+    processed = LOGITS.clone()
+    processed[0] -= 2 * 1.0 + 0.5
+    processed[1] -= 1 * 1.0 + 0.5
+    expected = processed.log_softmax(-1)
+    assert dict(result.logprobs[0][1]) == pytest.approx({i: expected[i].item() for i in range(V)}, abs=1e-5)
+
+
+def test_logit_bias_adds_to_chosen_tokens():
+    result = sample(LOGITS[None].clone(), [seq(logit_bias={7: 100.0}, temperature=0.0)])
+    assert result.token_ids == [7]
+    freq = draw([seq(logit_bias={0: -100.0, 1: -100.0})], rounds=300)
+    assert freq[0, :2].sum() == 0
+
+
+def test_min_new_tokens_suppresses_stop_tokens_until_reached():
+    early = seq(output=(4,), stop_ids={0}, min_new_tokens=2, temperature=0.0)
+    late = seq(output=(4, 4), stop_ids={0}, min_new_tokens=2, temperature=0.0)
+    assert sample(LOGITS.repeat(2, 1), [early, late]).token_ids == [1, 0]
+
+
+def test_seeded_rows_are_reproducible_whatever_the_neighbours():
+    def tokens(batch):
+        s = seq(seed=1234, temperature=1.5)
+        rows = [seq(temperature=1.0) for _ in range(batch)] + [s]
+        out = []
+        for _ in range(30):
+            out.append(sample(torch.randn(1, V).repeat(len(rows), 1) * 0 + LOGITS, rows).token_ids[-1])
+        return out
+
+    assert tokens(0) == tokens(5) == tokens(17)
+    assert len(set(tokens(0))) > 1
+
+
+def test_logprobs_are_the_processed_distribution():
+    s = seq(temperature=2.0, top_k=2, logprobs=3)
+    result = sample(LOGITS[None].clone(), [s])
+    chosen, top = result.logprobs[0]
+    expected = (LOGITS[:2] / 2.0).log_softmax(-1)
+    assert [t for t, _ in top[:2]] == [0, 1]
+    assert [lp for _, lp in top[:2]] == pytest.approx(expected.tolist(), abs=1e-5)
+    assert top[2][1] == -math.inf
+    assert chosen == pytest.approx(expected[result.token_ids[0]].item(), abs=1e-5)
+    assert sample(LOGITS[None].clone(), [seq(logprobs=0)]).logprobs[0][1] == []
+    assert sample(LOGITS[None].clone(), [seq()]).logprobs == [None]
+
+
+def test_constraint_mask_applies_to_its_row_only():
+    forced = seq(constraint=ForcedTokens([6, 7]), temperature=0.0)
+    free = seq(temperature=0.0)
+    assert sample(LOGITS.repeat(2, 1), [forced, free]).token_ids == [6, 0]
