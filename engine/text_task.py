@@ -34,6 +34,7 @@ class TextTask:
     response_format: dict | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     max_tokens_clip: bool = False  # clip max_new_tokens to the context instead of failing
+    priority: int = 0  # lower is scheduled first; FIFO within a priority
 
 
 @dataclass
@@ -144,7 +145,7 @@ def prepare(task: TextTask, job: Job, version: Version, tokenizer, max_model_len
         raise InvalidInput(f"logit_bias token ids must be between 0 and {len(tokenizer) - 1}; got {outside[:5]}",
                            param="logit_bias")
     job.prompt_tokens = len(ids)
-    request = GenerationRequest(request_id=job.id, prompt_token_ids=ids, params=params)
+    request = GenerationRequest(request_id=job.id, prompt_token_ids=ids, params=params, priority=task.priority)
     if task.response_format or (tools and task.tool_choice not in (None, "auto", "none")):
         from engine.llm.grammar import constraint_factory
 

@@ -35,6 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         files = FileStore(settings.files_dir)
         engine = Engine(registry, files, EngineOptions(
             allow_http_inputs=settings.allow_http_inputs, max_running_jobs=settings.max_queue,
+            memory_budgets=settings.memory_budget_bytes(),
             file_url=lambda file_id: f"{base}/v1/files/{file_id}/content"))
         store = Store(settings.db_path)
         app.state.settings = settings

@@ -103,6 +103,7 @@ class SamplingRequest(BaseModel):
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)
     min_tokens: int | None = Field(None, ge=0)
+    priority: int = 0  # lower is served first (vLLM's convention); FIFO within a priority
 
     @field_validator("logit_bias")
     @classmethod
@@ -200,7 +201,7 @@ def chat_task(body: ChatRequest, version: Version, history: list[dict]) -> TextT
     response_format = body.response_format.model_dump(exclude_none=True) if body.response_format else None
     return TextTask(messages=history + _chat_messages(body.messages), tools=tools or None,
                     tool_choice=choice or ("auto" if tools else "none"), response_format=response_format,
-                    params=params, max_tokens_clip=clip)
+                    params=params, max_tokens_clip=clip, priority=body.priority)
 
 
 def completion_task(body: CompletionRequest, version: Version) -> TextTask:
@@ -210,7 +211,8 @@ def completion_task(body: CompletionRequest, version: Version) -> TextTask:
     if body.echo:
         raise InvalidInput("echo is not supported", param="echo")
     params, clip = sampling_params(body, version, body.max_tokens, body.logprobs)
-    return TextTask(prompt=prompts[0], prompt_template="{prompt}", params=params, max_tokens_clip=clip)
+    return TextTask(prompt=prompts[0], prompt_template="{prompt}", params=params, max_tokens_clip=clip,
+                    priority=body.priority)
 
 
 def wants_stream(body: SamplingRequest, request: Request) -> bool:

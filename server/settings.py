@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     webhook_allow_private: bool = False  # allow webhooks to loopback/private addresses
     requeue_interrupted: bool = False  # re-run predictions interrupted by a restart
     max_queue: int = 1024
+    memory_budgets: str | None = None  # per-device GiB, e.g. "cpu=16,cuda:0=70"; default 90% of GPUs, half of RAM
     log_level: str = "info"
 
     @field_validator("api_keys", mode="before")
@@ -45,6 +46,18 @@ class Settings(BaseSettings):
             keys += [line.strip() for line in self.api_keys_file.read_text().splitlines()
                      if line.strip() and not line.startswith("#")]
         return keys
+
+    def memory_budget_bytes(self) -> dict[str, int] | None:
+        if not self.memory_budgets:
+            return None
+        budgets = {}
+        for item in self.memory_budgets.split(","):
+            device, _, gib = item.partition("=")
+            try:
+                budgets[device.strip()] = int(float(gib) * 2**30)
+            except ValueError:
+                raise ValueError(f"EMBER_MEMORY_BUDGETS: {item!r} is not device=GiB") from None
+        return budgets
 
     @property
     def db_path(self) -> Path:

@@ -108,3 +108,10 @@ def test_cli_models_lists_versions(monkeypatch, settings):
     result = CliRunner().invoke(app, ["models", "--models", str(settings.models)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "ember/tiny-chat" in result.output and "unavailable" in result.output
+
+
+def test_memory_budgets_setting(settings):
+    assert settings.model_copy(update={"memory_budgets": "cpu=1.5,cuda:0=70"}).memory_budget_bytes() == \
+        {"cpu": int(1.5 * 2**30), "cuda:0": 70 * 2**30}
+    with pytest.raises(ValueError, match="device=GiB"):
+        settings.model_copy(update={"memory_budgets": "cpu=lots"}).memory_budget_bytes()
