@@ -27,12 +27,14 @@ import platform
 import random
 import re
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/offline_llm.py` too
 
 
 # -- model, tokenizer, workload ------------------------------------------------------------------
@@ -158,7 +160,7 @@ def run_generate_batch(model, work, args) -> tuple[int, float]:
     from transformers.generation import ContinuousBatchingConfig
 
     gen_config = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0)
-    cb_kwargs = dict(max_batch_tokens=args.max_batch_tokens, max_requests_per_batch=args.max_num_seqs)
+    cb_kwargs = {"max_batch_tokens": args.max_batch_tokens, "max_requests_per_batch": args.max_num_seqs}
     if args.device == "cpu":  # its default sizing takes 90% of RAM; give it ember's KV budget
         per_token = 2 * model.config.num_hidden_layers * model.config.hidden_size * 4
         cb_kwargs["num_blocks"] = max(8, args.kv_cache_mib * 2**20 // (per_token * 256))

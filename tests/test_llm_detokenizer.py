@@ -1,5 +1,6 @@
 """Incremental detokenization: UTF-8 safe, special tokens skipped, stop strings held back and cut."""
 
+# ruff: noqa: F811  (pytest fixtures imported from tests.llm_fixtures)
 from __future__ import annotations
 
 from engine.llm.detokenizer import IncrementalDetokenizer

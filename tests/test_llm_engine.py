@@ -1,6 +1,7 @@
 """Engine behaviour: seeds, stop strings, abort and disconnects, limits, n > 1, logprobs,
 constraints, priorities, error isolation, shutdown."""
 
+# ruff: noqa: F811  (pytest fixtures imported from tests.llm_fixtures)
 from __future__ import annotations
 
 import asyncio
@@ -175,7 +176,7 @@ def test_n_choices_share_the_prompt(engine, llama, tokenizer):
     assert engine.stats()["prefix_cache_hit_tokens"] == 0  # shared by forking, not by lookup
     assert sorted(result) == [0, 1, 2]
     expected = reference_greedy(llama, prompt, 12)
-    for index, deltas in result.items():
+    for deltas in result.values():
         assert tokens_of(deltas) == expected
         assert [d.finish_reason is not None for d in deltas].count(True) == 1
     sampled = run_all(engine, [GenerationRequest("n-sampled", prompt, SamplingParams(
@@ -269,3 +270,16 @@ def test_close_ends_streams_with_abort(llama, tokenizer):
         return await task
 
     assert asyncio.run(main())[0][-1].finish_reason == "abort"
+
+
+def test_a_failing_constraint_factory_fails_only_its_request(engine, llama, tokenizer):
+    def broken(index):
+        raise RuntimeError("no grammar for you")
+
+    bad = GenerationRequest("bad", [5, 6, 7], SamplingParams(max_new_tokens=5, n=2), constraint_factory=broken)
+    good = GenerationRequest("good", [5, 6, 7], greedy(5))
+    bad_result, good_result = run_all(engine, [bad, good])
+    assert sorted(bad_result) == [0, 1]
+    assert all(d[-1].finish_reason == "error" and "no grammar" in d[-1].error for d in bad_result.values())
+    assert tokens_of(good_result[0]) == reference_greedy(llama, [5, 6, 7], 5)
+    assert_all_blocks_free(engine)

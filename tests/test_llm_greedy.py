@@ -1,6 +1,7 @@
 """Greedy output of the engine equals transformers' model.generate, token for token, whatever the
 batching: concurrency, prefix caching, chunked prefill, preemption, block size, architecture."""
 
+# ruff: noqa: F811  (pytest fixtures imported from tests.llm_fixtures)
 from __future__ import annotations
 
 import random
@@ -72,6 +73,14 @@ def test_greedy_under_preemption(llama, tokenizer):
     assert stats["preemptions"] > 0
 
 
+def test_greedy_with_padded_decode_path(llama, tokenizer):
+    """The CUDA decode path (one padded SDPA over gathered contexts), forced on CPU."""
+    prompts, max_new = workload(8, len(tokenizer), seed=7)
+    engine = make_engine(llama, tokenizer)
+    engine.runner.padded_decode = True
+    check_greedy(llama, engine, prompts, max_new, waves=2)
+
+
 def test_greedy_with_few_seats(llama, tokenizer):
     prompts, max_new = workload(9, len(tokenizer), seed=5)
     engine = make_engine(llama, tokenizer, max_num_seqs=2, enable_prefix_caching=False)
@@ -81,12 +90,12 @@ def test_greedy_with_few_seats(llama, tokenizer):
 def _tiny_config(arch: str, tokenizer):
     from transformers import MistralConfig, Qwen2Config, Qwen3Config
 
-    common = dict(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.3,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
-    )
+    common = {
+        "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+        "initializer_range": 0.3, "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id, "tie_word_embeddings": False,
+    }
     if arch == "mistral":  # a window shorter than the prompts exercises the sliding-window masks
         return MistralConfig(sliding_window=24, **common)
     if arch == "qwen2":
@@ -104,3 +113,55 @@ def test_greedy_other_architectures(tokenizer, arch):
     prompts, max_new = workload(8, len(tokenizer), seed=6, max_new=(8, 30))
     engine = make_engine(model, tokenizer, max_num_batched_tokens=40, block_size=8)
     check_greedy(model, engine, prompts, max_new, waves=2)
+
+
+def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, causal=True, window_size=(-1, -1)):
+    """flash_attn_varlen_func's contract in plain PyTorch (causal aligned to the bottom right)."""
+    outs = []
+    for i in range(len(cu_q) - 1):
+        qi = q[cu_q[i]:cu_q[i + 1]].transpose(0, 1)[None]
+        ki, vi = (t[cu_k[i]:cu_k[i + 1]].transpose(0, 1)[None] for t in (k, v))
+        q_pos = torch.arange(ki.shape[2] - qi.shape[2], ki.shape[2])[:, None]
+        k_pos = torch.arange(ki.shape[2])[None, :]
+        mask = k_pos <= q_pos
+        if window_size[0] >= 0:
+            mask &= k_pos >= q_pos - window_size[0]
+        out = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=softmax_scale,
+                                                               enable_gqa=True)
+        outs.append(out[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+def test_greedy_with_varlen_path(llama, tokenizer, monkeypatch):
+    """The CUDA flash-attn path's packing (slots, cu_seqlens), with a PyTorch stand-in for flash."""
+    from engine.llm import attention
+
+    monkeypatch.setattr(attention, "flash_attn_varlen_func", _reference_varlen)
+    prompts, max_new = workload(8, len(tokenizer), seed=8)
+    engine = make_engine(llama, tokenizer, max_num_batched_tokens=50)
+    engine.runner.use_flash = True
+    check_greedy(llama, engine, prompts, max_new, waves=2)
+
+
+def test_greedy_with_decode_graphs(llama, tokenizer):
+    """The CUDA-graph decode path's static buffers, padding rows and scratch block, with a recorder
+    that replays eagerly instead of a captured graph."""
+    from engine.llm.cuda_graphs import DecodeGraphs
+
+    class EagerGraphs(DecodeGraphs):
+        def _record(self, forward, attn):
+            out = forward().clone()
+
+            class Replay:
+                def replay(self):
+                    attn._masks.clear()
+                    out.copy_(forward())
+
+            return Replay(), out
+
+    prompts, max_new = workload(11, len(tokenizer), seed=9)
+    engine = make_engine(llama, tokenizer)
+    engine.runner.padded_decode = True
+    engine.runner.graphs = graphs = EagerGraphs(engine.runner, 64, engine.max_model_len)
+    check_greedy(llama, engine, prompts, max_new, waves=2)
+    assert graphs.graphs and graphs.enabled

@@ -1,5 +1,6 @@
 """The sampler on controlled logits: each parameter changes the distribution as defined, per row."""
 
+
 from __future__ import annotations
 
 import math
@@ -80,7 +81,7 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
     processed[0] = 3.0 / 2.0
     processed[5] = -1.0 * 2.0
     expected = processed.log_softmax(-1)
-    chosen, top = result.logprobs[0]
+    _, top = result.logprobs[0]
     assert dict(top) == pytest.approx({i: expected[i].item() for i in range(V)}, abs=1e-5)
     assert result.token_ids == [1]  # token 0 (3.0 -> 1.5) lost to token 1 (2.0)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from engine.llm.kv_cache import BlockManager
 from engine.llm.scheduler import Scheduler
-from engine.llm.sequence import Sequence, SeqStatus
+from engine.llm.sequence import SeqStatus, Sequence
 from engine.llm.types import SamplingParams
 
 _ids = iter(range(10**6))
@@ -121,7 +121,8 @@ def test_preemption_frees_the_newest_sequence():
     old, new = seq(range(4)), seq(range(10, 14))
     for s in (old, new):
         sched.add(s)
-    for s, n in zip(*(lambda b: (b.seqs, b.num_tokens))(sched.schedule())):
+    first = sched.schedule()
+    for s, n in zip(first.seqs, first.num_tokens):
         s.num_computed_tokens += n
     # grow both until the 4 blocks run out
     for step in range(6):
@@ -136,3 +137,36 @@ def test_preemption_frees_the_newest_sequence():
             assert batch.seqs == [old]
             return
     raise AssertionError("no preemption happened")
+
+
+def test_growing_sequences_stay_contiguous_while_memory_allows():
+    bm = BlockManager(num_blocks=64, block_size=4)
+    seqs = [seq(range(i * 100, i * 100 + 5)) for i in range(4)]
+    for s in seqs:
+        s.params = SamplingParams(max_new_tokens=40)
+        assert bm.allocate(s, 5)
+        s.num_computed_tokens = 5
+    for _ in range(30):  # interleaved growth, one token each per step
+        for s in seqs:
+            s.token_ids.append(1)
+            assert bm.allocate(s, 1)
+            s.num_computed_tokens += 1
+    assert all(s.num_runs == 1 for s in seqs)
+    for s in seqs:
+        bm.free_seq(s)
+    assert bm.num_free_blocks == 64 and (bm.owner == -1).all()
+
+
+def test_contiguity_is_only_a_preference():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    a, b = seq(range(4)), seq(range(10, 14))
+    for s in (a, b):
+        s.params = SamplingParams(max_new_tokens=100)  # each would like the whole cache
+        assert bm.allocate(s, 4)
+        s.num_computed_tokens = 4
+    for _ in range(12):
+        for s in (a, b):
+            s.token_ids.append(1)
+            assert bm.allocate(s, 1)
+            s.num_computed_tokens += 1
+    assert bm.num_free_blocks == 0 and a.num_runs + b.num_runs > 2

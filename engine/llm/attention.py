@@ -5,14 +5,16 @@ tokens first, then prefill chunks. It passes no transformers cache; instead ever
 receives an `AttentionBatch` through the forward kwargs (`ember_batch=`) and:
 
 1. scatters the step's new keys/values into its cache at `slot_mapping` (one index_copy_); the
-   cache of a layer is [kv_heads, num_slots, head_dim], slot = block * block_size + offset;
+   cache of a layer is [1, kv_heads, num_slots, head_dim], slot = block * block_size + offset;
 2. attends each sequence's span of queries to its context. A context held in consecutive blocks is
    a plain view of the cache (no copy: on CPU this is several times faster than gathering); other
    contexts are gathered with one index_select into a reused workspace (fresh multi-megabyte
    buffers per layer would cost more in page faults than the copy). A prefill that starts at
    position 0 attends to its own fresh keys with a causal mask.
-   On CUDA, where one kernel launch per sequence and layer costs more than the copy, all decode
-   tokens are instead attended in one padded SDPA call over gathered contexts.
+   On CUDA, where one kernel launch per sequence and layer costs more than the copy, all contexts
+   are gathered into one packed buffer and attended in a single flash-attn varlen call (when
+   flash-attn is installed and passes a self-check), or else the decode tokens are attended in one
+   padded SDPA call (also the shape CUDA graphs capture) and prefill chunks one by one.
 
 Sliding-window layers (Mistral, Qwen2/3 when enabled) pass `sliding_window`; it is applied exactly
 as transformers' own masks do (key > query - window). Without `ember_batch` (someone calling
@@ -25,6 +27,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+try:
+    from flash_attn import flash_attn_varlen_func
+except ImportError:  # optional, CUDA only
+    flash_attn_varlen_func = None
 
 ATTN_IMPLEMENTATION = "ember_paged"
 
@@ -55,6 +62,17 @@ class PaddedDecode:
     max_len: int
 
 
+@dataclass
+class Varlen:
+    """Every span's context packed back to back, for one flash-attn varlen call."""
+
+    slots: torch.Tensor  # [total_context] slots of all contexts, span after span
+    cu_q: torch.Tensor  # int32 [num_spans + 1] query offsets
+    cu_k: torch.Tensor  # int32 [num_spans + 1] context offsets
+    max_q: int
+    max_k: int
+
+
 class Workspace:
     """Reusable gather buffers for keys and values, grown geometrically when a step needs more."""
 
@@ -65,25 +83,26 @@ class Workspace:
         self.k = self.v = torch.empty(0, dtype=dtype, device=device)
 
     def buffers(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two contiguous [kv_heads, n, head_dim] buffers."""
+        """Two contiguous [1, kv_heads, n, head_dim] buffers."""
         if n > self.capacity:
             self.capacity = max(n, int(self.capacity * 1.5))
             size = self.num_kv_heads * self.capacity * self.head_dim
             self.k = torch.empty(size, dtype=self.dtype, device=self.device)
             self.v = torch.empty(size, dtype=self.dtype, device=self.device)
-        shape = (self.num_kv_heads, n, self.head_dim)
-        numel = shape[0] * n * shape[2]
+        shape = (1, self.num_kv_heads, n, self.head_dim)
+        numel = self.num_kv_heads * n * self.head_dim
         return self.k[:numel].view(shape), self.v[:numel].view(shape)
 
 
 @dataclass
 class AttentionBatch:
-    k_caches: list[torch.Tensor]  # per layer, [num_kv_heads, num_slots, head_dim]
+    k_caches: list[torch.Tensor]  # per layer, [1, num_kv_heads, num_slots, head_dim]
     v_caches: list[torch.Tensor]
     slot_mapping: torch.Tensor  # [total_tokens]: destination slot of every new token
     spans: list[Span]
     workspace: Workspace
     padded_decode: PaddedDecode | None = None  # when set, covers the first `num` spans
+    varlen: Varlen | None = None  # when set, covers every span
     _masks: dict = field(default_factory=dict)
 
     def span_mask(self, i: int, window: int | None) -> torch.Tensor | None:
@@ -119,22 +138,27 @@ class AttentionBatch:
         return self._masks[key]
 
 
-def _context(batch: AttentionBatch, span: Span, cache: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    if span.view_start is not None:
-        return cache[:, span.view_start:span.view_start + span.context_len]
-    return torch.index_select(cache, 1, span.slots, out=out)
-
-
 def _padded_decode(batch: AttentionBatch, query, k_cache, v_cache, scaling, window) -> torch.Tensor:
     pd = batch.padded_decode
     kbuf, vbuf = batch.workspace.buffers(pd.num * pd.max_len)
-    shape = (k_cache.shape[0], pd.num, pd.max_len, k_cache.shape[2])
-    k = torch.index_select(k_cache, 1, pd.slots, out=kbuf).view(shape).transpose(0, 1)
-    v = torch.index_select(v_cache, 1, pd.slots, out=vbuf).view(shape).transpose(0, 1)
+    shape = (k_cache.shape[1], pd.num, pd.max_len, k_cache.shape[3])
+    k = torch.index_select(k_cache, 2, pd.slots, out=kbuf).view(shape).transpose(0, 1)
+    v = torch.index_select(v_cache, 2, pd.slots, out=vbuf).view(shape).transpose(0, 1)
     q = query[0, :, :pd.num].transpose(0, 1).unsqueeze(2)  # [num, heads, 1, head_dim]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.padded_mask(window), scale=scaling,
                                          enable_gqa=True)
     return out[:, :, 0].transpose(0, 1).unsqueeze(0)  # [1, heads, num, head_dim]
+
+
+def _flash_varlen(batch: AttentionBatch, query, k_cache, v_cache, scaling, window) -> torch.Tensor:
+    vl = batch.varlen
+    kbuf, vbuf = batch.workspace.buffers(vl.slots.shape[0])
+    k = torch.index_select(k_cache, 2, vl.slots, out=kbuf)[0].transpose(0, 1)  # [total, kv_heads, head_dim]
+    v = torch.index_select(v_cache, 2, vl.slots, out=vbuf)[0].transpose(0, 1)
+    out = flash_attn_varlen_func(query[0].transpose(0, 1), k, v, vl.cu_q, vl.cu_k, vl.max_q, vl.max_k,
+                                 softmax_scale=scaling, causal=True,
+                                 window_size=(window - 1, 0) if window is not None else (-1, -1))
+    return out.unsqueeze(0)  # [1, T, heads, head_dim]
 
 
 def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -149,9 +173,11 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
                                       dropout=dropout, sliding_window=sliding_window, **kwargs)
     batch = ember_batch
     k_cache, v_cache = batch.k_caches[module.layer_idx], batch.v_caches[module.layer_idx]
-    k_cache.index_copy_(1, batch.slot_mapping, key[0])
-    v_cache.index_copy_(1, batch.slot_mapping, value[0])
+    k_cache.index_copy_(2, batch.slot_mapping, key)
+    v_cache.index_copy_(2, batch.slot_mapping, value)
 
+    if batch.varlen is not None:
+        return _flash_varlen(batch, query, k_cache, v_cache, scaling, sliding_window), None
     outputs = []
     first = 0
     if batch.padded_decode is not None and batch.padded_decode.num:
@@ -159,13 +185,16 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         first = batch.padded_decode.num
     for i in range(first, len(batch.spans)):
         span = batch.spans[i]
-        q = query[:, :, span.start:span.end]
+        q = query.narrow(2, span.start, span.q_len)
         if span.fresh:
-            k, v = key[:, :, span.start:span.end], value[:, :, span.start:span.end]
+            k, v = key.narrow(2, span.start, span.q_len), value.narrow(2, span.start, span.q_len)
+        elif span.view_start is not None:
+            k = k_cache.narrow(2, span.view_start, span.context_len)
+            v = v_cache.narrow(2, span.view_start, span.context_len)
         else:
-            kbuf, vbuf = (None, None) if span.view_start is not None else batch.workspace.buffers(span.context_len)
-            k = _context(batch, span, k_cache, kbuf).unsqueeze(0)
-            v = _context(batch, span, v_cache, vbuf).unsqueeze(0)
+            kbuf, vbuf = batch.workspace.buffers(span.context_len)
+            k = torch.index_select(k_cache, 2, span.slots, out=kbuf)
+            v = torch.index_select(v_cache, 2, span.slots, out=vbuf)
         mask = batch.span_mask(i, sliding_window)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and span.q_len > 1,
                                              scale=scaling, enable_gqa=True)

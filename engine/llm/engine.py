@@ -14,12 +14,13 @@ or the sampler fails the requests in that step and nothing else.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import threading
 import time
 from collections import defaultdict, deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator
 
 import torch
 
@@ -30,7 +31,12 @@ from engine.llm.runner import ModelRunner, kv_bytes_per_token
 from engine.llm.sampler import sample
 from engine.llm.scheduler import Scheduler
 from engine.llm.sequence import Sequence
-from engine.llm.types import FinishReason, GenerationDelta, GenerationRequest, TokenLogprob
+from engine.llm.types import (
+    FinishReason,
+    GenerationDelta,
+    GenerationRequest,
+    TokenLogprob,
+)
 
 logger = logging.getLogger("ember.llm")
 
@@ -83,8 +89,12 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                    admission_reserve_blocks=max(1, num_blocks // 100))
-        self.runner = ModelRunner(model, num_blocks, cfg.block_size)
+        self.runner = ModelRunner(model, num_blocks, cfg.block_size, cuda_graphs=cfg.cuda_graphs,
+                                  max_num_seqs=cfg.max_num_seqs, max_model_len=self.max_model_len)
         self.eos_token_ids = self._eos_ids(model, tokenizer)
+        # The loop thread decodes with its own copy: a fast tokenizer shared across threads raises
+        # "Already borrowed" when one thread encodes with truncation/padding while another decodes.
+        self._detok_tokenizer = _private_copy(tokenizer)
         self._generator = torch.Generator(device=device)
         self._generator.seed()
         self._token_text: dict[int, str] = {}
@@ -231,21 +241,25 @@ class LLMEngine:
                 self._step()
             except Exception:  # a bug in bookkeeping: fail what is in flight, keep serving
                 logger.exception("LLM engine step failed")
-                for state in list(self._active.values()):
+                for state in self._active_states():
                     self._fail(state, "internal error in the engine step")
             self._flush()
         self._drain_inbox()
-        for state in list(self._active.values()):
+        for state in self._active_states():
             self._end_request(state, "abort")
         self._flush()
 
     def _drain_inbox(self) -> None:
         while self._inbox:
             kind, state = self._inbox.popleft()
-            if kind == "add":
-                self._add(state)
-            else:
+            if kind == "abort":
                 self._end_request(state, "abort")
+                continue
+            try:
+                self._add(state)
+            except Exception as exc:  # e.g. a constraint factory that raises
+                logger.exception("could not start request %s", state.request.request_id)
+                self._fail(state, f"{type(exc).__name__}: {exc}")
 
     def _add(self, state: _Request) -> None:
         state.arrival = self._next_arrival
@@ -265,7 +279,7 @@ class LLMEngine:
             seq.generator = torch.Generator(device=self.runner.device).manual_seed(p.seed + index)
         if req.constraint_factory is not None:
             seq.constraint = req.constraint_factory(index)
-        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, p.stop)
+        seq.detokenizer = IncrementalDetokenizer(self._detok_tokenizer, req.prompt_token_ids, p.stop)
         state.seqs.append(seq)
         return seq
 
@@ -301,6 +315,10 @@ class LLMEngine:
 
     def _active_state(self, seq: Sequence) -> _Request | None:
         return self._active.get(seq.request_id)
+
+    def _active_states(self) -> list[_Request]:
+        with self._lock:
+            return list(self._active.values())
 
     def _append_token(self, state: _Request, seq: Sequence, token: int, logprob) -> None:
         p = seq.params
@@ -350,7 +368,7 @@ class LLMEngine:
     def _text_of(self, token: int) -> str:
         text = self._token_text.get(token)
         if text is None:
-            text = self._token_text[token] = self.tokenizer.decode([token])
+            text = self._token_text[token] = self._detok_tokenizer.decode([token])
         return text
 
     # -- ending requests -----------------------------------------------------------------------
@@ -398,10 +416,17 @@ class LLMEngine:
                 loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:  # that event loop is closed: nobody is listening any more
                 for queue, _ in items:
-                    for state in [s for s in self._active.values() if s.queue is queue]:
+                    for state in [s for s in self._active_states() if s.queue is queue]:
                         self._end_request(state, "abort")
                 self._pending = {}
 
+
+
+def _private_copy(tokenizer):
+    try:
+        return copy.deepcopy(tokenizer)
+    except Exception:  # noqa: BLE001 - an uncopyable tokenizer is shared, as before
+        return tokenizer
 
 
 def _deliver(items: list[tuple[asyncio.Queue, list[GenerationDelta]]]) -> None:

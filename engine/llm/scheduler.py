@@ -16,7 +16,7 @@ import heapq
 from dataclasses import dataclass, field
 
 from engine.llm.kv_cache import BlockManager
-from engine.llm.sequence import Sequence, SeqStatus
+from engine.llm.sequence import SeqStatus, Sequence
 
 
 @dataclass
