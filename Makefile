@@ -24,4 +24,4 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) benchmarks/offline_llm.py --quick
+	$(PY) -m benchmarks.offline_llm --quick

@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import random
-import re
 import statistics
 import sys
 import time
@@ -35,6 +33,8 @@ import torch
 
 RESULTS = Path(__file__).parent / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/offline_llm.py` too
+
+from benchmarks.common import device_label  # noqa: E402
 
 
 # -- model, tokenizer, workload ------------------------------------------------------------------
@@ -247,14 +247,6 @@ def batch1_decode(model, tokenizer, args) -> dict:
 
 # -- driver --------------------------------------------------------------------------------------
 
-def device_name(device: str) -> str:
-    if device == "cuda":
-        name = torch.cuda.get_device_name()
-    else:
-        name = f"cpu-{torch.get_num_threads()}threads-{platform.machine()}"
-    return re.sub(r"[^a-zA-Z0-9]+", "-", name).strip("-").lower()
-
-
 def measure(label, fn, repeats):
     runs = []
     for r in range(repeats):
@@ -289,7 +281,7 @@ def main() -> None:
     tokenizer = build_tokenizer(model.config.vocab_size)
     set_attention(model, "sdpa")
     work = make_workload(args.num_requests, args.seed, model.config.vocab_size, prompt_range, output_range)
-    print(f"device {device_name(args.device)}; {args.num_requests} requests, prompts {prompt_range}, "
+    print(f"device {device_label(args.device)}; {args.num_requests} requests, prompts {prompt_range}, "
           f"outputs {output_range}, {sum(n for _, n in work)} output tokens; repeats {args.repeats}", flush=True)
 
     warm = work[:2]
@@ -314,7 +306,7 @@ def main() -> None:
         r["ember_ratio"] = ember / r["tok_s"]
         print(f"{name:16s} {r['tok_s']:9.1f} {r['ember_ratio']:11.2f}x")
 
-    report = {"device": device_name(args.device), "args": vars(args), "prompt_range": prompt_range,
+    report = {"device": device_label(args.device), "args": vars(args), "prompt_range": prompt_range,
               "output_range": output_range, "output_tokens": sum(n for _, n in work), "throughput": results}
     if "batch1" not in args.skip:
         report["batch1_decode"] = b1 = batch1_decode(model, tokenizer, args)

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -31,6 +30,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch  # noqa: E402
 
+from benchmarks.common import device_label  # noqa: E402
 from engine.video.demo import TINY_DEFAULTS, build_tiny_i2v  # noqa: E402
 from engine.video.export import to_mp4  # noqa: E402
 from engine.video.families import family_for, load_pipeline, pipeline_class_of  # noqa: E402
@@ -54,14 +54,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=RESULTS)
     return parser.parse_args(argv)
-
-
-def device_label(device: str) -> str:
-    if device == "cuda":
-        name = torch.cuda.get_device_name()
-    else:
-        name = f"cpu-{torch.get_num_threads()}threads-{platform.machine()}"
-    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
 
 
 def sync(device: str) -> None:
