@@ -77,6 +77,18 @@ def test_stop_strings_are_never_emitted(engine, llama, tokenizer):
     assert_all_blocks_free(engine)
 
 
+def test_stop_strings_wait_for_min_new_tokens(engine, tokenizer):
+    prompt = tokenizer("The weather today is")["input_ids"]
+    first = run_all(engine, [GenerationRequest("first", prompt, greedy(40))])[0][0]
+    stop = text_of(first[:3])
+    assert stop.strip()
+    early = text_of(run_all(engine, [GenerationRequest("early", prompt, greedy(40, stop=[stop]))])[0][0])
+    assert early == ""
+    late = run_all(engine, [GenerationRequest("late", prompt, greedy(40, stop=[stop], min_new_tokens=6))])[0][0]
+    assert len(tokens_of(late)) >= 6 and text_of(late).startswith(stop)
+    assert_all_blocks_free(engine)
+
+
 def test_abort_and_disconnect_free_every_block(engine, tokenizer):
     prompts = random_prompts(10, len(tokenizer), seed=13)
 

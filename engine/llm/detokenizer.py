@@ -33,8 +33,9 @@ class IncrementalDetokenizer:
         return self.tokenizer.decode(tokens, skip_special_tokens=self.skip_special_tokens,
                                      clean_up_tokenization_spaces=False)
 
-    def add_token(self, token_id: int) -> None:
-        """Decode one more token; sets `stopped` when a stop string completes."""
+    def add_token(self, token_id: int, check_stop: bool = True) -> None:
+        """Decode one more token; sets `stopped` when a stop string completes (only looked for
+        when `check_stop`: stop strings do not count before min_new_tokens)."""
         self.tokens.append(token_id)
         prefix_text = self._decode(self.tokens[self.prefix_offset:self.read_offset])
         full_text = self._decode(self.tokens[self.prefix_offset:])
@@ -44,12 +45,12 @@ class IncrementalDetokenizer:
         # Keep the window short: drop tokens that no longer influence decoding.
         self.tokens = self.tokens[self.read_offset:]
         self.prefix_offset, self.read_offset = 0, len(self.tokens)
-        self._append(new_text)
+        self._append(new_text, check_stop)
 
-    def _append(self, new_text: str) -> None:
+    def _append(self, new_text: str, check_stop: bool) -> None:
         search_from = max(0, len(self.text) - self.max_stop_len + 1)
         self.text += new_text
-        if not self.stop:
+        if not self.stop or not check_stop:
             return
         hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
         if hits:

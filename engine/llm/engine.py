@@ -332,7 +332,7 @@ class LLMEngine:
         if token in seq.stop_token_ids:
             finish = "stop"
         else:
-            seq.detokenizer.add_token(token)
+            seq.detokenizer.add_token(token, check_stop=seq.num_output_tokens >= p.min_new_tokens)
             if seq.detokenizer.stopped or (seq.constraint is not None and seq.constraint.is_done()):
                 finish = "stop"
         if finish is None and (seq.num_output_tokens >= p.max_new_tokens or seq.num_tokens >= self.max_model_len):
