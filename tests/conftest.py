@@ -14,6 +14,8 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+pytest_plugins = ["tests.llm_fixtures", "tests.video_fixtures"]
+
 API_KEY = "sk-test-key-one"
 OTHER_KEY = "sk-test-key-two"
 

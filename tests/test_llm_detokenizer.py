@@ -1,10 +1,8 @@
 """Incremental detokenization: UTF-8 safe, special tokens skipped, stop strings held back and cut."""
 
-# ruff: noqa: F811  (pytest fixtures imported from tests.llm_fixtures)
 from __future__ import annotations
 
 from engine.llm.detokenizer import IncrementalDetokenizer
-from tests.llm_fixtures import tiny_chat_dir, tokenizer  # noqa: F401 (fixtures)
 
 TEXT = "Hello café naïve 東京 日本語 emoji 🔥✨ ünïcödé, done."
 

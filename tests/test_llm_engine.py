@@ -1,7 +1,6 @@
 """Engine behaviour: seeds, stop strings, abort and disconnects, limits, n > 1, logprobs,
 constraints, priorities, error isolation, shutdown."""
 
-# ruff: noqa: F811  (pytest fixtures imported from tests.llm_fixtures)
 from __future__ import annotations
 
 import asyncio
@@ -11,17 +10,14 @@ import pytest
 from engine.errors import InvalidInput, PromptTooLong, QueueFull
 from engine.llm.constraints import ForcedTokens
 from engine.llm.types import GenerationRequest, SamplingParams
-from tests.llm_fixtures import (  # noqa: F401 (fixtures)
+from tests.llm_fixtures import (
     collect,
     greedy,
-    llama,
     make_engine,
     random_prompts,
     reference_greedy,
     run_all,
     text_of,
-    tiny_chat_dir,
-    tokenizer,
     tokens_of,
 )
 

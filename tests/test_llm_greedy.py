@@ -1,7 +1,6 @@
 """Greedy output of the engine equals transformers' model.generate, token for token, whatever the
 batching: concurrency, prefix caching, chunked prefill, preemption, block size, architecture."""
 
-# ruff: noqa: F811  (pytest fixtures imported from tests.llm_fixtures)
 from __future__ import annotations
 
 import random
@@ -10,15 +9,12 @@ import pytest
 import torch
 
 from engine.llm.types import GenerationRequest
-from tests.llm_fixtures import (  # noqa: F401 (fixtures)
+from tests.llm_fixtures import (
     greedy,
-    llama,
     make_engine,
     random_prompts,
     reference_greedy,
     run_all,
-    tiny_chat_dir,
-    tokenizer,
     tokens_of,
 )
 

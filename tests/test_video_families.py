@@ -18,7 +18,6 @@ from engine.video.families import I2VGEN_XL, LTX, SVD, family_for, load_pipeline
 from engine.video.i2vgen_xl import EmberI2VGenXLPipeline
 from tests.video_fixtures import decode_mp4, inputs_for, test_image, tiny_family
 
-pytest_plugins = ["tests.video_fixtures"]
 
 
 def test_i2vgen_xl_schema_matches_the_seed_inputs():

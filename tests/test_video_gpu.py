@@ -10,7 +10,6 @@ from engine.video.families import load_pipeline
 from engine.video.worker import VideoWorker
 from tests.video_fixtures import decode_mp4, inputs_for, run_all, step_logs, tiny_family
 
-pytest_plugins = ["tests.video_fixtures"]
 
 pytestmark = [
     pytest.mark.gpu,

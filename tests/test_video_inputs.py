@@ -15,7 +15,6 @@ from engine.errors import InvalidInput
 from engine.video.inputs import decode_image
 from tests.video_fixtures import data_uri, png_bytes, test_image
 
-pytest_plugins = ["tests.video_fixtures"]
 
 
 def no_files(value: str) -> bytes | None:

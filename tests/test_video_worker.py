@@ -14,7 +14,6 @@ from engine.video.worker import VideoRequest
 from tests.video_fixtures import (collect, decode_mp4, inputs_for, run_all, step_logs, test_image,
                                   tiny_family)
 
-pytest_plugins = ["tests.video_fixtures"]
 
 FAMILIES = ("i2vgen-xl", "svd", "ltx")
 

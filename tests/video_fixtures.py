@@ -1,5 +1,4 @@
-"""Shared fixtures and helpers for the image-to-video tests (load with
-`pytest_plugins = ["tests.video_fixtures"]`).
+"""Shared fixtures and helpers for the image-to-video tests (registered in tests/conftest.py).
 
 The tiny pipelines are built once per session into a temp folder and loaded once; tests share
 the loaded pipelines, each with its own worker. Test modules also import the helpers below, so
