@@ -1,4 +1,4 @@
-"""Shared fixtures and helpers for the LLM engine tests (import the fixtures into a test module).
+"""Shared fixtures and helpers for the LLM engine tests (registered in tests/conftest.py).
 
 Models are tiny, random and float32; the tokenizer and chat model come from engine.demo. Every
 engine gets its own deep copy of a model, because the engine switches the model to its paged
