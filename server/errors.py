@@ -66,6 +66,8 @@ def error_response(request: Request, status: int, message: str, *, param: str | 
 
 def _validation_message(errors: list) -> tuple[str, str | None]:
     first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return "The request body is not valid JSON.", None
     loc = [str(p) for p in first.get("loc", []) if p not in ("body",)]
     field = ".".join(loc) or None
     return (f"{field}: {first.get('msg', 'invalid')}" if field else first.get("msg", "invalid request")), field

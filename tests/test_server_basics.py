@@ -115,3 +115,15 @@ def test_memory_budgets_setting(settings):
         {"cpu": int(1.5 * 2**30), "cuda:0": 70 * 2**30}
     with pytest.raises(ValueError, match="device=GiB"):
         settings.model_copy(update={"memory_budgets": "cpu=lots"}).memory_budget_bytes()
+
+
+@pytest.mark.parametrize("path, read", [
+    ("/v1/chat/completions", lambda body: body["error"]["message"]),
+    ("/v1/predictions", lambda body: body["detail"]),
+    ("/api/v1/prediction/tiny-chat-flow", lambda body: body["message"]),
+])
+def test_a_body_that_is_not_json_gets_a_clear_error_in_each_dialect(client, path, read):
+    response = client.post(path, content=b"{not json", headers={"Content-Type": "application/json"})
+    assert response.status_code in (400, 422)
+    assert "JSON" in read(response.json())
+    assert client.get("/health").status_code == 200

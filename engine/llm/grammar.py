@@ -99,7 +99,8 @@ def _schema_grammar(schema: dict, param: str, **options) -> xgr.Grammar:
     try:
         return xgr.Grammar.from_json_schema(json.dumps(schema), **options)
     except (RuntimeError, ValueError, TypeError) as exc:
-        raise InvalidInput(f"unsupported JSON schema: {exc}", param=param) from exc
+        reason = str(exc).strip().rsplit(": ", 1)[-1]  # drop the C++ source location xgrammar prefixes
+        raise InvalidInput(f"unsupported JSON schema: {reason}", param=param) from exc
 
 
 def output_grammar(response_format: dict | None, tools: list[dict] | None, tool_choice) -> xgr.Grammar | None:
