@@ -100,8 +100,18 @@ class Engine:
         self.tasks.pop(job_id, None)
         asyncio.get_running_loop().call_later(self.options.job_retention_s, self.forget, job_id)
 
+    async def _acquire(self, version: Version):
+        """pool.acquire off the loop; a caller cancelled mid-load still releases what it loads."""
+        acquiring = asyncio.ensure_future(asyncio.to_thread(self.pool.acquire, version))
+        try:
+            return await asyncio.shield(acquiring)
+        except asyncio.CancelledError:
+            acquiring.add_done_callback(
+                lambda done: done.cancelled() or done.exception() is not None or self.pool.release(version))
+            raise
+
     async def _prepare(self, job: Job, version: Version):
-        loaded = await asyncio.to_thread(self.pool.acquire, version)
+        loaded = await self._acquire(version)
         try:
             # Tokenizing, grammar compiling and image decoding are CPU work: keep them off the loop.
             if version.kind == "text-generation":
@@ -110,7 +120,7 @@ class Engine:
                                                    llm.max_model_len)
             else:
                 prepared = await asyncio.to_thread(video_task.prepare, job.task, job, self.files,
-                                                   self.options.allow_http_inputs)
+                                                   self.options.allow_http_inputs, loaded.worker.family)
             return loaded, prepared
         except BaseException:
             self.pool.release(version)
@@ -143,6 +153,8 @@ class Engine:
         except asyncio.CancelledError:
             loaded.worker.abort(job.id)
             job.finish("canceled")
+        except EmberError as exc:
+            job.finish("failed", exc.message)
         except Exception as exc:  # noqa: BLE001 - one job's failure never takes the engine down
             log.exception("job %s failed", job.id)
             job.finish("failed", f"{type(exc).__name__}: {exc}")

@@ -33,8 +33,9 @@ def file_resolver(files: FileStore) -> Callable[[str], bytes | None]:
     return resolve
 
 
-def prepare(task: VideoTask, job: Job, files: FileStore, allow_http: bool):
-    """Decode the image now so a bad one is a 422 before the job is queued."""
+def prepare(task: VideoTask, job: Job, files: FileStore, allow_http: bool, family):
+    """Decode the image and check the family's rules (frame counts, size multiples) now, so bad
+    inputs are a 422 before the job is queued."""
     from engine.video.inputs import decode_image
     from engine.video.worker import VideoRequest
 
@@ -42,6 +43,7 @@ def prepare(task: VideoTask, job: Job, files: FileStore, allow_http: bool):
     if "image" in inputs:
         inputs["image"] = decode_image(inputs["image"], resolve_file=file_resolver(files),
                                        allow_http=allow_http)
+    family.normalize(inputs)
     return VideoRequest(request_id=job.id, inputs=inputs)
 
 

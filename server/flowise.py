@@ -34,7 +34,8 @@ from engine.schemas import input_schema, validate_input
 from engine.text_task import TextTask
 from engine.video_task import VideoTask
 from server.auth import bearer_token
-from server.sessions import FLOWISE_ROLES, OPENAI_ROLES, Conversation, open_conversation, record_turn
+from server.sessions import (FLOWISE_ROLES, OPENAI_ROLES, Conversation, dropped_on_error, open_conversation,
+                             record_turn)
 from server.store import Store
 
 router = APIRouter(prefix="/api/v1")
@@ -381,7 +382,8 @@ async def predict(flow_id: str, request: Request):
     job = Job(model=version.model, version=version.id, kind=version.kind,
               input=_record_input(flow, ask, chat_id, session_id), task=task, owner=identity, source="flowise")
     job.extra.update(flow_id=flow.id, chat_id=chat_id, session_id=session_id)
-    await request.app.state.jobs.submit(job, wait_ready=True)
+    with dropped_on_error(store, conversation, identity):
+        await request.app.state.jobs.submit(job, wait_ready=True)
     turn = Turn(flow=flow, ask=ask, job=job, conversation=conversation, chat_id=chat_id)
     if ask.streaming and _streams(flow, version):
         return EventSourceResponse(_stream(request, turn), ping=HEARTBEAT_S,

@@ -26,7 +26,7 @@ from engine.llm.types import SamplingParams, TokenLogprob
 from engine.registry import Version
 from engine.text_task import TextTask
 from server.auth import require_identity
-from server.sessions import Conversation, open_conversation, record_turn
+from server.sessions import Conversation, dropped_on_error, open_conversation, record_turn
 
 router = APIRouter(dependencies=[Depends(require_identity)])
 
@@ -439,13 +439,9 @@ async def chat_completions(body: ChatRequest, request: Request, identity: str = 
     version = text_version(request, body.model)
     store = request.app.state.store
     conversation = _conversation(request, identity, body, version)
-    try:
+    with dropped_on_error(store, conversation, identity):
         task = chat_task(body, version, conversation.history if conversation else [])
         job = await submit(request, body, version, task, identity)
-    except BaseException:
-        if conversation is not None and conversation.created:
-            store.delete_session(conversation.session_id, identity)
-        raise
     extra, headers = {}, {}
     if conversation is not None:
         extra["session_id"] = headers["X-Session-ID"] = conversation.session_id

@@ -8,6 +8,7 @@ role names (userMessage / apiMessage).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from server.store import Store
@@ -47,6 +48,17 @@ def open_conversation(store: Store, identity: str | None, session_id: str | None
         return Conversation(session_id, [_as_chat_message(r) for r in rows], created=False)
     session = store.create_session(identity, model, flow_id=flow_id)
     return Conversation(session["id"], [], created=True)
+
+
+@contextmanager
+def dropped_on_error(store: Store, conversation: Conversation | None, identity: str | None):
+    """A session this request started is deleted again if the request fails before answering."""
+    try:
+        yield
+    except BaseException:
+        if conversation is not None and conversation.created:
+            store.delete_session(conversation.session_id, identity)
+        raise
 
 
 def record_turn(store: Store, conversation: Conversation, new_messages: list[dict], answer: dict,

@@ -117,3 +117,39 @@ async def test_finished_jobs_leave_memory_after_the_retention_window(engine):
             break
         await asyncio.sleep(0.02)
     assert job.id not in engine.jobs and job.id not in engine.tasks
+
+
+async def test_engine_errors_while_running_fail_the_job_with_their_message(settings):
+    from engine.engine import EngineOptions
+
+    registry = demo_registry(settings.home, settings.models)
+    engine = Engine(registry, FileStore(settings.home / "engine-test-files"),
+                    EngineOptions(llm_overrides={"max_queue": 1}))
+    try:
+        jobs = [await engine.submit(_job(engine, TextTask(prompt="Hi", params=SamplingParams(
+            max_new_tokens=4, temperature=0)))) for _ in range(4)]
+        for job in jobs:
+            assert await job.wait(60)
+        refused = [j for j in jobs if j.status == "failed"]
+        assert refused and all(j.error.startswith("more than 1 requests") for j in refused)
+    finally:
+        await engine.close()
+
+
+async def test_a_caller_cancelled_while_the_model_loads_releases_it(settings):
+    registry = demo_registry(settings.home, settings.models)
+    engine = Engine(registry, FileStore(settings.home / "engine-test-files"))
+    try:
+        waiting = _job(engine, TextTask(prompt="Hi", params=SamplingParams(max_new_tokens=2)))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(engine.submit(waiting), 0.001)
+        version = engine.version_of(waiting)
+        await asyncio.to_thread(engine.pool.acquire, version)
+        engine.pool.release(version)
+        for _ in range(100):
+            if engine.pool.states[version.id].in_use == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert engine.pool.states[version.id].in_use == 0
+    finally:
+        await engine.close()

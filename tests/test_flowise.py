@@ -281,3 +281,10 @@ async def test_a_json_caller_hanging_up_cancels_its_job(monkeypatch):
     engine.cancel = lambda job_id: (engine.canceled.append(job_id), job.finish("canceled"))
     await flowise._wait(hung_up_request(engine), job)
     assert engine.canceled == [job.id] and job.status == "canceled"
+
+
+def test_a_refused_prediction_leaves_no_session_behind(client):
+    chat_id = "refused-chat"
+    response = client.post("/api/v1/prediction/tiny-chat-flow", json={"question": "word " * 600, "chatId": chat_id})
+    assert response.status_code == 400 and response.json()["success"] is False
+    assert client.get(f"/v1/sessions/{chat_id}").status_code == 404

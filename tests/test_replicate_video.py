@@ -59,3 +59,9 @@ def test_http_image_urls_are_refused_unless_allowed(live_server):
 def test_video_inputs_are_validated_against_the_schema(client, inputs, field):
     response = client.post("/v1/predictions", json={"version": MODEL, "input": inputs})
     assert response.status_code == 422 and field in response.json()["detail"]
+
+
+def test_family_rules_are_checked_before_the_job_is_queued(client):
+    image = "data:image/png;base64," + base64.b64encode(png()).decode()
+    response = client.post("/v1/run", json={"model": MODEL, "input": {"prompt": "x", "image": image, "width": 33}})
+    assert response.status_code == 422 and "width must be a multiple" in response.json()["detail"]
