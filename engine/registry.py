@@ -114,11 +114,6 @@ class Registry:
     def __init__(self, models: list[ModelEntry], flows: list[Flow] | None = None):
         self.models = {m.name: m for m in models}
         self.flows = {f.id: f for f in flows or []}
-        self._by_id: dict[str, Version] = {}
-        for model in models:
-            for version in model.versions:
-                for key in (version.id, *version.aliases):
-                    self._by_id[key] = version
 
     def versions(self) -> list[Version]:
         return [v for m in self.models.values() for v in m.versions]

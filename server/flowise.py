@@ -118,12 +118,15 @@ def _history(items: list[HistoryMessage]) -> list[dict]:
     return messages
 
 
-async def _read_json(request: Request) -> Ask:
+async def _json(request: Request, what: str) -> Any:
     try:
-        raw = await request.json()
+        return await request.json()
     except ValueError:
-        raise BadRequest("The body must be JSON or multipart form-data.") from None
-    body: PredictionBody = _parse(PredictionBody, raw)
+        raise BadRequest(f"The body must be {what}.") from None
+
+
+async def _read_json(request: Request) -> Ask:
+    body: PredictionBody = _parse(PredictionBody, await _json(request, "JSON or multipart form-data"))
     return Ask(question=body.question, override=body.overrideConfig or {}, chat_id=body.chatId,
                history=_history(body.history) if body.history else None, uploads=body.uploads or [],
                streaming=bool(body.streaming))
@@ -531,20 +534,15 @@ async def delete_chat_messages(flow_id: str, request: Request, chatId: str | Non
                                endDate: str | None = None) -> dict:
     flow, identity = _authorized_flow(request, flow_id)
     bounds = {"since": _date(startDate, "startDate"), "until": _date(endDate, "endDate", end=True)}
-    rows = _owned_messages(request, identity, flow, chat_id=chatId, session_id=sessionId, **bounds)
     store: Store = request.app.state.store
-    for session_id in {r["session_id"] for r in rows}:
-        store.delete_messages(session_id=session_id, flow_id=flow.id, chat_id=chatId, **bounds)
-    return {"raw": [], "affected": len(rows)}
+    affected = store.delete_messages(flow_id=flow.id, owner=identity, chat_id=chatId, session_id=sessionId,
+                                     **bounds)
+    return {"raw": [], "affected": affected}
 
 
 @router.post("/feedback")
 async def create_feedback(request: Request) -> dict:
-    try:
-        raw = await request.json()
-    except ValueError:
-        raise BadRequest("The body must be JSON.") from None
-    body: FeedbackBody = _parse(FeedbackBody, raw)
+    body: FeedbackBody = _parse(FeedbackBody, await _json(request, "JSON"))
     message_id = body.messageId or body.chatMessageId
     store: Store = request.app.state.store
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 from engine.engine import Engine
-from engine.jobs import Event, Job
+from engine.jobs import Event, Job, utcnow
 from server.metrics import Metrics
 from server.store import Store
 
@@ -101,11 +101,6 @@ class JobService:
 
     def fail_interrupted(self, doc: dict) -> None:
         doc.update(status="failed", error="interrupted: the server stopped before this prediction finished",
-                   completed_at=doc.get("completed_at") or _now())
+                   completed_at=doc.get("completed_at") or utcnow())
         self.store.save_prediction(doc)
 
-
-def _now() -> str:
-    from engine.jobs import utcnow
-
-    return utcnow()
