@@ -176,6 +176,10 @@ class Loaded:
     close: Callable[[], None] = lambda: None
 
 
+class NoRoom(ModelUnavailable):
+    """A version does not fit its devices right now (busy or pinned versions hold the memory)."""
+
+
 STATUSES = ("unloaded", "loading", "sleeping", "ready", "failed", "unavailable")
 
 
@@ -289,6 +293,11 @@ class ModelPool:
         kind, start = ("wake" if waking else "load"), time.perf_counter()
         try:
             loaded = self._wake(version, state, phase) if waking else self._load(version, state, phase)
+        except NoRoom:
+            with self.lock:  # nothing changed for this version: it may fit later
+                state.status, state.phase = ("sleeping" if waking else "unloaded"), None
+                self.transitions.pop(version.id).set()
+            raise
         except Exception as exc:  # noqa: BLE001 - a failed load must not take the server down
             log.exception("%s of %s failed", kind, version.ref)
             self._failed(version, state, exc)
@@ -437,12 +446,12 @@ class ModelPool:
             if budget is None:
                 continue
             if share > budget:
-                raise ModelUnavailable(f"{version.ref} needs about {_gib(share)} on {device}, "
+                raise NoRoom(f"{version.ref} needs about {_gib(share)} on {device}, "
                                        f"more than its budget of {_gib(budget)}")
             while self.used(device, exclude=version.id) + share > budget:
                 victim = self._victim(device, exclude=version.id)
                 if victim is None:
-                    raise ModelUnavailable(
+                    raise NoRoom(
                         f"{version.ref} needs about {_gib(share)} on {device}; "
                         f"{_gib(self.used(device, exclude=version.id))} of {_gib(budget)} are held by busy "
                         "or pinned models")

@@ -66,12 +66,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/health", tags=["health"])
     async def health(request: Request) -> dict:
         engine: Engine = request.app.state.engine
-        models = []
-        for version in engine.registry.versions():
-            state = engine.pool.state(version)
-            models.append({"model": version.model, "version": version.id, "kind": version.kind,
-                           "status": state.status, "error": state.error, "devices": state.devices})
-        return {"status": "ok", "models": models}
+        models = [models_api.lifecycle(engine.pool, version) for version in engine.registry.versions()]
+        budgets = engine.pool.budgets
+        used = {device: engine.pool.used(device) for device in budgets}
+        return {"status": "ok", "models": models, "memory": {"budgets": budgets, "used": used}}
 
     @app.get("/v1/whoami", tags=["health"])
     async def whoami(identity: str = Depends(require_identity)) -> dict:
