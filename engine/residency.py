@@ -7,7 +7,8 @@ runner's cache tensors). That is what the pool charges against each device's bud
 Sleep frees what can be rebuilt cheaply and parks what cannot: an LLM engine's KV cache and
 workspaces are freed (their contents are only a cache), and weights on a GPU are copied to pinned
 host memory so waking is one host-to-device copy instead of a load from disk. On a CPU-only host
-the weights already live in host memory, so sleep frees the KV cache only. An engine that brings
+the weights already live in host memory, so sleep frees the KV cache only (and waking allocates a
+fresh zeroed cache, the same as a cold start does). An engine that brings
 its own `sleep()`/`wake()` is asked to do it itself.
 """
 
@@ -86,10 +87,10 @@ def is_idle(worker: Any) -> bool:
 
 @dataclass
 class Asleep:
-    """What waking needs: each moved tensor's home device, and the freed cache's size."""
+    """What waking needs: each moved tensor's home device, and the freed cache's shape."""
 
     homes: dict[int, torch.device] = field(default_factory=dict)
-    kv_nbytes: int = 0
+    kv_shape: tuple[int, ...] = ()
     graphs: bool = False
     own: bool = False  # the engine slept itself
 
@@ -103,17 +104,21 @@ def sleep(worker: Any) -> Asleep:
     asleep = Asleep()
     runner = getattr(worker, "runner", None)
     if runner is not None:
-        asleep.kv_nbytes = runner.kv.untyped_storage().nbytes()
+        asleep.kv_shape = tuple(runner.kv.shape)
         asleep.graphs = runner.graphs is not None
         runner.graphs = None  # captured against addresses that are about to go away
-        runner.kv.untyped_storage().resize_(0)  # the per-layer views share this storage
+        runner.kv = torch.empty(0, dtype=runner.dtype, device=runner.device)
+        runner.k_caches, runner.v_caches = [], []
         runner.workspace.capacity = 0
         runner.workspace.k = runner.workspace.v = torch.empty(0, dtype=runner.dtype, device=runner.device)
         _forget_prefix_cache(worker)
     for tensor in _tensors(modules_of(worker)):
         if tensor.device.type == "cuda":
             asleep.homes[id(tensor)] = tensor.device
-            tensor.data = tensor.data.to("cpu").pin_memory()
+            parked = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
+            tensor.data = parked.copy_(tensor.data)
+    if asleep.homes or (runner is not None and runner.device.type == "cuda"):
+        torch.cuda.empty_cache()  # hand the freed blocks back so other processes see them too
     return asleep
 
 
@@ -128,8 +133,9 @@ def wake(worker: Any, asleep: Asleep) -> None:
             tensor.data = tensor.data.to(home, non_blocking=True)
     runner = getattr(worker, "runner", None)
     if runner is not None:
-        runner.kv.untyped_storage().resize_(asleep.kv_nbytes)
-        runner.kv.zero_()
+        # A fresh allocation rather than re-filling the old one: on CPU, zeroed pages come lazily.
+        runner.kv = torch.zeros(asleep.kv_shape, dtype=runner.dtype, device=runner.device)
+        runner.k_caches, runner.v_caches = list(runner.kv[0]), list(runner.kv[1])
         if asleep.graphs:
             from engine.llm.cuda_graphs import DecodeGraphs
 
