@@ -180,14 +180,12 @@ class NoRoom(ModelUnavailable):
     """A version does not fit its devices right now (busy or pinned versions hold the memory)."""
 
 
-STATUSES = ("unloaded", "loading", "sleeping", "ready", "failed", "unavailable")
-
 
 @dataclass
 class VersionState:
     """One version's place in the lifecycle, and the bytes it holds on each device right now."""
 
-    status: str = "unloaded"  # one of STATUSES
+    status: str = "unloaded"  # unloaded | loading | sleeping | ready | failed | unavailable
     error: str | None = None
     phase: str | None = None  # what a transition in progress is doing (loading weights, waking, ...)
     devices: list[str] = field(default_factory=list)  # where it serves from

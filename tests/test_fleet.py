@@ -273,13 +273,20 @@ def test_management_errors_are_clear(client):
     assert client.post("/v1/models/ember/tiny-chat/versions/nope/load").status_code == 404
 
 
-def test_keep_alive_zero_per_request_unloads_after_it(client):
+@pytest.mark.parametrize("dialect", ["replicate", "openai"])
+def test_keep_alive_zero_per_request_unloads_after_it(client, dialect):
     version, base = _chat_paths(client)
     client.post(base + "/load")
-    made = client.post("/v1/predictions", json={"version": f"ember/tiny-chat:{version}", "keep_alive": 0,
-                                                "input": {"prompt": "hello", "max_new_tokens": 2}},
-                       headers={"Prefer": "wait=30"})
-    assert made.json()["status"] == "succeeded", made.text
+    assert client.get(base + "/status").json()["status"] == "ready"
+    if dialect == "replicate":
+        made = client.post("/v1/predictions", json={"version": f"ember/tiny-chat:{version}", "keep_alive": 0,
+                                                    "input": {"prompt": "hello", "max_new_tokens": 2}},
+                           headers={"Prefer": "wait=30"})
+        assert made.json()["status"] == "succeeded", made.text
+    else:
+        made = client.post("/v1/chat/completions", json={"model": "ember/tiny-chat", "max_tokens": 2, "keep_alive": "0s",
+                                                         "messages": [{"role": "user", "content": "hi"}]})
+        assert made.status_code == 200, made.text
     deadline = time.time() + 10
     while client.get(base + "/status").json()["status"] != "unloaded" and time.time() < deadline:
         time.sleep(0.05)
