@@ -59,6 +59,9 @@ def cache_bytes(worker: Any) -> dict[str, int]:
         return {}
     totals: dict[str, int] = defaultdict(int)
     tensors = [runner.kv, runner.workspace.k, runner.workspace.v]
+    graphs = getattr(runner, "graphs", None)
+    if graphs is not None:  # CUDA graphs keep their own gather workspace (their private pool is not counted)
+        tensors += [graphs.workspace.k, graphs.workspace.v]
     for tensor in tensors:
         totals[str(tensor.device)] += tensor.untyped_storage().nbytes()
     return {device: size for device, size in totals.items() if size}
