@@ -136,7 +136,7 @@ def wake(worker: Any, asleep: Asleep) -> None:
             tensor.data = tensor.data.to(home, non_blocking=True)
     runner = getattr(worker, "runner", None)
     if runner is not None:
-        # A fresh allocation rather than re-filling the old one: on CPU, zeroed pages come lazily.
+        # The old storage went back to the allocator at sleep; the per-layer views follow the new one.
         runner.kv = torch.zeros(asleep.kv_shape, dtype=runner.dtype, device=runner.device)
         runner.k_caches, runner.v_caches = list(runner.kv[0]), list(runner.kv[1])
         if asleep.graphs:
