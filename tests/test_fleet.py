@@ -293,6 +293,7 @@ def test_keep_alive_zero_per_request_unloads_after_it(client, dialect):
     assert client.get(base + "/status").json()["status"] == "unloaded"
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_sleep_parks_gpu_weights_in_pinned_host_memory(tmp_path, demo_folders):
     text = f"models:\n  a/g: {{versions: [{{weights: demo:tiny-chat, placement: 'cuda:0', dtype: float16, " \
