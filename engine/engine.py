@@ -22,6 +22,8 @@ from engine.registry import Registry, Version
 
 log = logging.getLogger("ember.engine")
 
+REAP_INTERVAL_S = 0.5
+
 
 @dataclass
 class EngineOptions:
@@ -55,6 +57,23 @@ def build_worker(version: Version, options: EngineOptions) -> Loaded:
                   close=worker.close)
 
 
+async def warm_up(loaded: Loaded) -> None:
+    """One real forward pass so the first request does not pay for lazy initialisation: a
+    one-token generation for text models. Video pipelines are not warmed (a denoising run is the
+    cost of a request, not of a warm-up)."""
+    if loaded.version.kind != "text-generation":
+        return
+    from engine.jobs import new_id
+    from engine.llm.types import GenerationRequest, SamplingParams
+
+    llm = loaded.worker
+    token = llm.tokenizer.bos_token_id if llm.tokenizer.bos_token_id is not None else 0
+    request = GenerationRequest(request_id=f"warmup-{new_id(8)}", prompt_token_ids=[token],
+                                params=SamplingParams(max_new_tokens=1, temperature=0))
+    async for _ in llm.generate(request):
+        pass
+
+
 class Engine:
     def __init__(self, registry: Registry, files: FileStore, options: EngineOptions | None = None):
         self.registry = registry
@@ -63,9 +82,11 @@ class Engine:
         self.pool = ModelPool(lambda v: build_worker(v, self.options), self.options.memory_budgets)
         self.jobs: dict[str, Job] = {}
         self.tasks: dict[str, asyncio.Task] = {}
+        self._reaper: asyncio.Task | None = None
 
     async def start(self) -> None:
-        """Load the versions marked `load: eager` (failures are recorded, not raised)."""
+        """Load the versions marked `load: eager` (failures are recorded, not raised), then keep
+        unloading versions whose keep_alive ran out."""
         for version in self.registry.versions():
             if version.load == "eager" and version.available:
                 try:
@@ -73,6 +94,36 @@ class Engine:
                     self.pool.release(version)
                 except EmberError as exc:
                     log.warning("eager load of %s failed: %s", version.ref, exc)
+        self._reaper = asyncio.create_task(self._reap_expired())
+
+    async def _reap_expired(self) -> None:
+        while True:
+            await asyncio.sleep(REAP_INTERVAL_S)
+            try:
+                await asyncio.to_thread(self.pool.reap)
+            except Exception:  # noqa: BLE001 - the sweep must never stop
+                log.exception("keep_alive sweep failed")
+
+    async def load(self, version: Version, on_phase: Callable[[str], None] | None = None,
+                   keep_alive: float | None = None) -> None:
+        """Load (or wake) a version and warm it up; it then stays per `keep_alive`."""
+        loaded = await self._acquire(version, on_phase)
+        try:
+            if on_phase is not None:
+                on_phase("warming up")
+            await warm_up(loaded)
+        finally:
+            self.pool.release(version, keep_alive)
+
+    async def wake(self, version: Version, keep_alive: float | None = None) -> None:
+        await self._acquire(version)
+        self.pool.release(version, keep_alive)
+
+    async def sleep(self, version: Version) -> None:
+        await asyncio.to_thread(self.pool.sleep, version.id)
+
+    async def unload(self, version: Version) -> None:
+        await asyncio.to_thread(self.pool.unload, version.id)
 
     def version_of(self, job: Job) -> Version:
         return self.registry.resolve(f"{job.model}:{job.version}")
@@ -100,9 +151,9 @@ class Engine:
         self.tasks.pop(job_id, None)
         asyncio.get_running_loop().call_later(self.options.job_retention_s, self.forget, job_id)
 
-    async def _acquire(self, version: Version):
+    async def _acquire(self, version: Version, on_phase: Callable[[str], None] | None = None):
         """pool.acquire off the loop; a caller cancelled mid-load still releases what it loads."""
-        acquiring = asyncio.ensure_future(asyncio.to_thread(self.pool.acquire, version))
+        acquiring = asyncio.ensure_future(asyncio.to_thread(self.pool.acquire, version, on_phase))
         try:
             return await asyncio.shield(acquiring)
         except asyncio.CancelledError:
@@ -159,7 +210,7 @@ class Engine:
             log.exception("job %s failed", job.id)
             job.finish("failed", f"{type(exc).__name__}: {exc}")
         finally:
-            self.pool.release(version)
+            self.pool.release(version, job.keep_alive)
 
     def get(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)
@@ -190,7 +241,7 @@ class Engine:
         for job_id in list(self.jobs):
             if not self.jobs[job_id].done:
                 self.cancel(job_id)
-        for task in list(self.tasks.values()):
+        for task in [*self.tasks.values(), *([self._reaper] if self._reaper else [])]:
             task.cancel()
         await asyncio.sleep(0)
         await asyncio.to_thread(self.pool.close)

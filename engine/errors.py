@@ -75,3 +75,10 @@ class NotFound(EmberError):
 class Forbidden(EmberError):
     status = 403
     code = "forbidden"
+
+
+class ModelBusy(EmberError):
+    """A lifecycle change (unload, sleep) asked of a version that is serving requests."""
+
+    status = 409
+    code = "model_busy"

@@ -76,6 +76,7 @@ class Job:
     webhook: str | None = None
     webhook_events_filter: tuple[str, ...] = ("start", "output", "logs", "completed")
     extra: dict = field(default_factory=dict)  # dialect-specific bookkeeping (session ids, chat ids)
+    keep_alive: float | None = None  # seconds the version stays loaded once idle (None: its default)
     events: list[Event] = field(default_factory=list)
     _changed: asyncio.Event | None = field(default=None, repr=False)
     _started_mono: float | None = field(default=None, repr=False)

@@ -58,6 +58,8 @@ class Version:
     default_inputs: dict = field(default_factory=dict)
     limits: dict = field(default_factory=dict)  # batching and engine limits (max_num_seqs, ...)
     load: Literal["lazy", "eager"] = "lazy"
+    keep_alive: float | None = None  # seconds idle before unloading; None or negative: never
+    pin: bool = False  # never evicted to make room for another version
     aliases: tuple[str, ...] = ()
     description: str = ""
     id: str = ""
@@ -238,7 +240,26 @@ def _parse_weights(raw: Any, where: str) -> Weights:
 
 VERSION_KEYS = {"weights", "kind", "dtype", "quantization", "placement", "device_map",
                 "pipeline_class", "model_class", "prompt_template", "chat_template",
-                "default_inputs", "limits", "load", "aliases", "description", "created_at"}
+                "default_inputs", "limits", "load", "keep_alive", "pin", "aliases", "description",
+                "created_at"}
+
+DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_keep_alive(value: Any, where: str = "keep_alive") -> float | None:
+    """Seconds from `300`, `"30s"`, `"5m"`, `"1h"`; `-1` (or any negative) means never unload.
+    Numbers without a unit are seconds (Ollama's convention for integers)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise InvalidInput(f"{where} must be a duration like 300, '30s', '5m' or -1, not {value!r}", param="keep_alive")
+    if isinstance(value, (int, float)):
+        return float(value)
+    match = DURATION.match(str(value))
+    if match is None:
+        raise InvalidInput(f"{where} must be a duration like 300, '30s', '5m' or -1, not {value!r}", param="keep_alive")
+    return float(match.group(1)) * DURATION_UNITS[match.group(2)]
 
 
 def _parse_version(model: str, raw: dict, where: str) -> Version:
@@ -261,6 +282,9 @@ def _parse_version(model: str, raw: dict, where: str) -> Version:
     load = raw.get("load", "lazy")
     if load not in ("lazy", "eager"):
         raise InvalidInput(f"{where}: load must be 'lazy' or 'eager'")
+    pin = raw.get("pin", False)
+    if not isinstance(pin, bool):
+        raise InvalidInput(f"{where}: pin must be true or false")
     placement = raw.get("device_map", raw.get("placement", "auto"))
     return Version(
         model=model, kind=kind, weights=_parse_weights(raw["weights"], where), dtype=dtype,
@@ -268,7 +292,8 @@ def _parse_version(model: str, raw: dict, where: str) -> Version:
         pipeline_class=raw.get("pipeline_class"), model_class=raw.get("model_class"),
         prompt_template=raw.get("prompt_template"), chat_template=raw.get("chat_template"),
         default_inputs=dict(raw.get("default_inputs") or {}), limits=dict(raw.get("limits") or {}),
-        load=load, aliases=tuple(str(a) for a in raw.get("aliases") or ()),
+        load=load, keep_alive=parse_keep_alive(raw.get("keep_alive"), f"{where}: keep_alive"), pin=pin,
+        aliases=tuple(str(a) for a in raw.get("aliases") or ()),
         description=raw.get("description", ""), created_at=str(raw.get("created_at", "")),
     )
 

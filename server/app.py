@@ -10,7 +10,7 @@ from fastapi import Depends, FastAPI, Request
 
 from engine.engine import Engine, EngineOptions, demo_registry
 from engine.files import FileStore
-from server import errors, flowise, metrics, models_api, openai, replicate
+from server import errors, flowise, metrics, models_api, openai, playground, replicate
 from server.auth import Authenticator, require_identity
 from server.jobs import JobService
 from server.settings import Settings
@@ -66,12 +66,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/health", tags=["health"])
     async def health(request: Request) -> dict:
         engine: Engine = request.app.state.engine
-        models = []
-        for version in engine.registry.versions():
-            state = engine.pool.state(version)
-            models.append({"model": version.model, "version": version.id, "kind": version.kind,
-                           "status": state.status, "error": state.error, "devices": state.devices})
-        return {"status": "ok", "models": models}
+        models = [models_api.lifecycle(engine.pool, version) for version in engine.registry.versions()]
+        budgets = engine.pool.budgets
+        used = {device: engine.pool.used(device) for device in budgets}
+        return {"status": "ok", "models": models, "memory": {"budgets": budgets, "used": used}}
 
     @app.get("/v1/whoami", tags=["health"])
     async def whoami(identity: str = Depends(require_identity)) -> dict:
@@ -81,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(openai.router, tags=["openai"])
     app.include_router(replicate.router, tags=["replicate"])
     app.include_router(flowise.router, tags=["flowise"])
+    app.include_router(playground.router)
     for router_module in (openai, replicate, flowise):
         hook = getattr(router_module, "on_startup", None)
         if hook is not None:

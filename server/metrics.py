@@ -1,4 +1,5 @@
-"""Prometheus metrics at `/metrics`: requests, jobs, tokens, and the engine's live state."""
+"""Prometheus metrics at `/metrics`: requests, jobs, tokens, and the engine's live state: model
+loads, wakes, sleeps and evictions with their durations, and each version's bytes per device."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import time
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+LIFECYCLE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
 class Metrics:
@@ -19,6 +23,52 @@ class Metrics:
         self.tokens = Counter("ember_generated_tokens_total", "Completion tokens generated", ["model"],
                               registry=self.registry)
         self.running = Gauge("ember_jobs_running", "Jobs not yet finished", registry=self.registry)
+        self.loads = Counter("ember_model_loads_total", "Versions loaded from their weights", ["model"],
+                             registry=self.registry)
+        self.wakes = Counter("ember_model_wakes_total", "Sleeping versions woken", ["model"],
+                             registry=self.registry)
+        self.sleeps = Counter("ember_model_sleeps_total", "Versions put to sleep", ["model", "reason"],
+                              registry=self.registry)
+        self.unloads = Counter("ember_model_unloads_total", "Versions unloaded", ["model", "reason"],
+                               registry=self.registry)
+        self.evictions = Counter("ember_model_evictions_total", "Idle versions moved out to make room",
+                                 ["model", "action"], registry=self.registry)
+        self.load_failures = Counter("ember_model_load_failures_total", "Failed loads, wakes and sleeps",
+                                     ["model"], registry=self.registry)
+        self.load_seconds = Histogram("ember_model_load_seconds", "Time to load a version", ["model"],
+                                      registry=self.registry, buckets=LIFECYCLE_BUCKETS)
+        self.wake_seconds = Histogram("ember_model_wake_seconds", "Time to wake a sleeping version", ["model"],
+                                      registry=self.registry, buckets=LIFECYCLE_BUCKETS)
+        self.memory = Gauge("ember_model_memory_bytes", "Bytes a version holds on a device",
+                            ["model", "version", "device", "status"], registry=self.registry)
+        self.budget = Gauge("ember_device_budget_bytes", "Memory budget of a device", ["device"],
+                            registry=self.registry)
+
+    def pool_event(self, event) -> None:
+        """Count one finished lifecycle transition (an engine.loading.PoolEvent)."""
+        model = event.version.model
+        if event.kind == "load":
+            self.loads.labels(model).inc()
+            self.load_seconds.labels(model).observe(event.seconds)
+        elif event.kind == "wake":
+            self.wakes.labels(model).inc()
+            self.wake_seconds.labels(model).observe(event.seconds)
+        elif event.kind == "fail":
+            self.load_failures.labels(model).inc()
+        elif event.kind in ("sleep", "unload"):
+            (self.sleeps if event.kind == "sleep" else self.unloads).labels(model, event.reason).inc()
+            if event.reason == "evict":
+                self.evictions.labels(model, event.kind).inc()
+
+    def pool_state(self, engine) -> None:
+        """Set the memory gauges from the pool as it is now (versions that left drop out)."""
+        self.memory.clear()
+        for version in engine.registry.versions():
+            state = engine.pool.state(version)
+            for device, size in state.memory.items():
+                self.memory.labels(version.model, version.id, device, state.status).set(size)
+        for device, size in engine.pool.budgets.items():
+            self.budget.labels(device).set(size)
 
     def job_finished(self, job) -> None:
         self.jobs.labels(job.model, job.status).inc()
@@ -28,6 +78,11 @@ class Metrics:
 
 
 def install(app: FastAPI, metrics: Metrics) -> None:
+    async def follow_pool(app: FastAPI) -> None:
+        app.state.engine.pool.listeners.append(metrics.pool_event)
+
+    app.state.startup_hooks.append(follow_pool)
+
     @app.middleware("http")
     async def count(request: Request, call_next):
         start = time.perf_counter()
@@ -42,4 +97,5 @@ def install(app: FastAPI, metrics: Metrics) -> None:
     async def export(request: Request) -> Response:
         engine = request.app.state.engine
         metrics.running.set(sum(not j.done for j in engine.jobs.values()))
+        metrics.pool_state(engine)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -23,7 +23,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from engine.errors import BadRequest, InvalidInput, JobFailed
 from engine.jobs import Choice, Event, Job
 from engine.llm.types import SamplingParams, TokenLogprob
-from engine.registry import Version
+from engine.registry import Version, parse_keep_alive
 from engine.text_task import TextTask
 from server.auth import require_identity
 from server.sessions import Conversation, dropped_on_error, open_conversation, record_turn
@@ -221,7 +221,8 @@ def wants_stream(body: SamplingRequest, request: Request) -> bool:
 
 async def submit(request: Request, body: BaseModel, version: Version, task: TextTask, identity: str) -> Job:
     job = Job(model=version.model, version=version.id, kind=version.kind,
-              input=body.model_dump(exclude_none=True), task=task, owner=identity, source="openai")
+              input=body.model_dump(exclude_none=True), task=task, owner=identity, source="openai",
+              keep_alive=parse_keep_alive((body.model_extra or {}).get("keep_alive")))
     await request.app.state.jobs.submit(job)
     return job
 

@@ -24,7 +24,7 @@ from sse_starlette import EventSourceResponse
 from engine.errors import EmberError, InvalidInput, NotFound
 from engine.jobs import Event, Job
 from engine.llm.types import SamplingParams
-from engine.registry import Version
+from engine.registry import Version, parse_keep_alive
 from engine.schemas import validate_input
 from engine.text_task import TextTask
 from engine.video_task import VideoTask
@@ -54,6 +54,7 @@ class ModelPredictionBody(BaseModel):
     webhook_completed: str | None = None
     webhook_events_filter: list[WebhookEvent] | None = None
     stream: bool = False  # every prediction can be streamed; accepted for the client's sake
+    keep_alive: float | str | None = None  # how long the version stays loaded once idle ("5m", 0, -1)
 
 
 class PredictionBody(ModelPredictionBody):
@@ -224,6 +225,7 @@ async def create_prediction(request: Request, ref: str, body: ModelPredictionBod
     webhook, events = await checked_webhook(request, body)
     version = request.app.state.engine.registry.resolve(ref)
     job = new_job(version, body.input, identity, webhook, events)
+    job.keep_alive = parse_keep_alive(body.keep_alive)
     await request.app.state.jobs.submit(job, wait_ready=False)
     if deadline is not None:
         cancel_later(request, job, deadline)

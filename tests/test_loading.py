@@ -86,7 +86,7 @@ def test_busy_versions_are_never_evicted(tmp_path, demo_folders):
     one, two = registry.resolve("a/one"), registry.resolve("a/two")
     pool, _ = _fake_pool(budget=int(estimate_bytes(one) * 1.5))
     pool.acquire(one)  # held, not released
-    with pytest.raises(ModelUnavailable, match="held by busy models"):
+    with pytest.raises(ModelUnavailable, match="held by busy or pinned models"):
         pool.acquire(two)
     assert pool.state(one).status == "ready"
 
