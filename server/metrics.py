@@ -7,6 +7,8 @@ import time
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from server.auth import require_identity
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -40,6 +42,8 @@ def install(app: FastAPI, metrics: Metrics) -> None:
 
     @app.get("/metrics", include_in_schema=False)
     async def export(request: Request) -> Response:
+        if request.app.state.settings.metrics_require_key:
+            require_identity(request)
         engine = request.app.state.engine
         metrics.running.set(sum(not j.done for j in engine.jobs.values()))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
