@@ -62,7 +62,7 @@ def serve(
         lock = lock_state_folder(settings.home)  # before anything (restart recovery) reads the folder
     except StateFolderBusy as exc:
         console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(3) from None
+        raise typer.Exit(4) from None
     console.print(f"ember home: {settings.home}\nmodels: {settings.models}")
     try:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
