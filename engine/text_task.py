@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.errors import InvalidInput, PromptTooLong
+from engine.errors import BadRequest, InvalidInput, PromptTooLong
 from engine.jobs import Choice, Job
 from engine.llm.types import GenerationRequest, SamplingParams
 from engine.registry import Version
@@ -217,7 +217,7 @@ def prepare(task: TextTask, job: Job, version: Version, tokenizer, max_model_len
     if ids is None:
         ids = _tokenize(tokenizer, _render(task, version, tokenizer, tools))
     if not ids:
-        raise InvalidInput("the prompt is empty", param="messages" if task.messages is not None else "prompt")
+        raise BadRequest("the prompt is empty", param="messages" if task.messages is not None else "prompt")
     params = task.params
     if len(ids) + params.max_new_tokens > max_model_len:
         if task.max_tokens_clip and len(ids) < max_model_len:
