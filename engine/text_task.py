@@ -7,6 +7,8 @@ same whichever API the request came through.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +21,10 @@ from engine.registry import Version
 # A prompt longer than this many characters per context token cannot fit any tokenizer's context:
 # refuse it before tokenizing (tokenizing 10 MB costs far more memory than the text itself).
 MAX_CHARS_PER_TOKEN = 16
+
+# Tokenizing a long text leaves tens of MiB in the allocator's free lists that the process never
+# gives back (glibc keeps them per thread arena); after texts this long, hand them back.
+RELEASE_AFTER_CHARS = 64 * 1024
 
 # Used when a tokenizer has no chat template: plain role headers, documented in the README.
 FALLBACK_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}" \
@@ -140,7 +146,27 @@ def _render(task: TextTask, version: Version, tokenizer, tools: list[dict] | Non
 def _tokenize(tokenizer, text: str) -> list[int]:
     bos = tokenizer.bos_token
     add_special = not (bos and text.startswith(bos))
-    return tokenizer(text, add_special_tokens=add_special)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=add_special)["input_ids"]
+    if len(text) >= RELEASE_AFTER_CHARS:
+        release_free_memory()
+    return ids
+
+
+def _libc_malloc_trim():
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Return the allocator's free memory to the OS (glibc's malloc_trim; elsewhere nothing)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _chars(messages: list[dict]) -> int:
