@@ -104,7 +104,8 @@ def _is_public(path: str) -> bool:
 def pre_authenticate(request: Request) -> None:
     """Raise Unauthorized unless the caller could be allowed on this path: a server key or JWT,
     or, on Flowise routes, the key of the flow named in the path (any flow's key for `/feedback`,
-    whose flow is only known from its body; the route checks again with the exact flow)."""
+    whose flow is only known from its body, so on a server without keys its capped body is read
+    first; the route checks again with the exact flow)."""
     state = request.app.state
     flows = state.engine.registry.flows
     extra: tuple[str, ...] = ()
@@ -113,6 +114,8 @@ def pre_authenticate(request: Request) -> None:
     if match and match.group(1) in flows and flows[match.group(1)].api_key:
         extra = (flows[match.group(1)].api_key,)
     elif path == "/api/v1/feedback":
+        if not state.auth.enabled:
+            return  # an open server: the flow (and its key, if any) is only known from the body
         extra = tuple(f.api_key for f in flows.values() if f.api_key)
     state.auth.check(bearer_token(request), extra_keys=extra)
 

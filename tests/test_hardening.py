@@ -405,6 +405,11 @@ def test_flow_keys_hide_flows_when_server_auth_is_off(settings):
         refused = client.post("/api/v1/prediction/locked-flow", json={"question": "hi"},
                               headers={"Authorization": ""})
         assert refused.status_code == 401
+        answer = client.post("/api/v1/prediction/tiny-chat-flow", json={"question": "hi"},
+                             headers={"Authorization": ""}).json()
+        rated = client.post("/api/v1/feedback", json={"chatflowid": "tiny-chat-flow", "messageId": answer["chatMessageId"],
+                                                      "rating": "THUMBS_UP"}, headers={"Authorization": ""})
+        assert rated.status_code == 200, rated.text  # open flows stay open beside keyed ones
 
 
 def test_flowise_form_urlencoded_prediction(client):
