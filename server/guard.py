@@ -97,6 +97,12 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+def _is_json(content_type: str) -> bool:
+    """application/json and its `+json` relatives (as FastAPI reads them)."""
+    media = content_type.split(";")[0].strip()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
 def _is_public(path: str) -> bool:
     return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
 
@@ -143,7 +149,7 @@ class RequestGuard:
         if declared is not None and declared.strip().isdigit() and int(declared) > cap:
             await self._refuse(scope, receive, send, 413, self._too_large(cap), "body_too_large")
             return
-        if content_type.startswith("application/json") or (not content_type and not is_upload):
+        if _is_json(content_type) or (not content_type and not is_upload):
             await self._json(scope, receive, send, cap)
         else:
             await self._streamed(scope, receive, send, cap)

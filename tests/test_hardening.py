@@ -188,6 +188,13 @@ def test_non_finite_numbers_are_refused_in_every_dialect(client, constant):
     assert form.status_code in (200, 400)  # an override this flow does not allow is ignored, as in Flowise
 
 
+def test_json_relatives_are_checked_too(client):
+    """`+json` media types are parsed as JSON by the routes, so they are checked as JSON."""
+    response = client.post(CHAT, content=b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+                           headers={"Content-Type": "application/merge-patch+json"})
+    assert response.status_code == 422
+
+
 def test_deeply_nested_json_is_400(client):
     deep = "[" * 5000 + "]" * 5000
     for path in ("/api/v1/prediction/tiny-chat-flow", "/api/v1/feedback", CHAT, "/v1/predictions"):
