@@ -27,7 +27,8 @@ REAP_INTERVAL_S = 0.5
 
 @dataclass
 class EngineOptions:
-    allow_http_inputs: bool = False
+    allow_http_inputs: bool = True
+    allow_private_urls: bool = False
     max_running_jobs: int = 1024
     file_url: Callable[[str], str] = lambda file_id: f"/v1/files/{file_id}/content"
     memory_budgets: dict[str, int] | None = None
@@ -171,7 +172,8 @@ class Engine:
                                                    llm.max_model_len)
             else:
                 prepared = await asyncio.to_thread(video_task.prepare, job.task, job, self.files,
-                                                   self.options.allow_http_inputs, loaded.worker.family)
+                                                   self.options.allow_http_inputs, loaded.worker.family,
+                                                   self.options.allow_private_urls)
             return loaded, prepared
         except BaseException:
             self.pool.release(version)

@@ -49,16 +49,23 @@ class PromptTooLong(EmberError):
     status = 400
     code = "context_length_exceeded"
 
-    def __init__(self, prompt_tokens: int, max_new_tokens: int, max_model_len: int):
+    def __init__(self, prompt_tokens: int, max_new_tokens: int, max_model_len: int, param: str = "messages"):
         super().__init__(
             f"This model's maximum context length is {max_model_len} tokens. However, you requested "
             f"{prompt_tokens + max_new_tokens} tokens ({prompt_tokens} in the prompt, "
             f"{max_new_tokens} for the completion). Please reduce the prompt or max tokens.",
-            param="messages",
+            param=param,
         )
         self.prompt_tokens = prompt_tokens
         self.max_new_tokens = max_new_tokens
         self.max_model_len = max_model_len
+
+
+class QuotaExceeded(EmberError):
+    """The caller's key already holds as much as it may (files, bytes, sessions)."""
+
+    status = 429
+    code = "quota_exceeded"
 
 
 class QueueFull(EmberError):

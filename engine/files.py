@@ -1,4 +1,7 @@
-"""A local file store: uploads and outputs (videos) as files with a JSON sidecar of metadata."""
+"""A local file store: uploads and outputs (videos) as files with a JSON sidecar of metadata.
+
+Every file expires (`expires_at`, `ttl_hours` after its creation): from then on it is not found,
+and `delete_expired` (run periodically by the server) removes its bytes."""
 
 from __future__ import annotations
 
@@ -60,9 +63,13 @@ class FileStore:
 
     def get(self, file_id: str) -> StoredFile:
         _, meta = self._paths(file_id)
-        if not meta.exists():
+        try:
+            record = StoredFile(**json.loads(meta.read_text()))
+        except (FileNotFoundError, ValueError, TypeError):
+            raise NotFound(f"File {file_id} not found") from None
+        if _expired(record):
             raise NotFound(f"File {file_id} not found")
-        return StoredFile(**json.loads(meta.read_text()))
+        return record
 
     def read(self, file_id: str) -> bytes:
         blob, _ = self._paths(file_id)
@@ -81,7 +88,35 @@ class FileStore:
         meta.unlink()
         blob.unlink(missing_ok=True)
 
+    def _records(self) -> list[StoredFile]:
+        records = []
+        for path in self.root.glob("*.json"):
+            try:
+                records.append(StoredFile(**json.loads(path.read_text())))
+            except (FileNotFoundError, ValueError, TypeError):
+                continue  # deleted meanwhile, or half-written
+        return records
+
     def list(self, owner: str | None = None) -> list[StoredFile]:
-        records = [StoredFile(**json.loads(p.read_text())) for p in self.root.glob("*.json")]
-        records = [r for r in records if owner is None or r.owner == owner]
+        records = [r for r in self._records() if (owner is None or r.owner == owner) and not _expired(r)]
         return sorted(records, key=lambda r: r.created_at, reverse=True)
+
+    def usage(self, owner: str | None) -> tuple[int, int]:
+        """(count, bytes) of the live files `owner` has stored."""
+        records = self.list(owner)
+        return len(records), sum(r.size for r in records)
+
+    def delete_expired(self) -> int:
+        """Remove expired files, bytes and metadata; returns how many."""
+        doomed = [r for r in self._records() if _expired(r)]
+        for record in doomed:
+            blob, meta = self._paths(record.id)
+            meta.unlink(missing_ok=True)
+            blob.unlink(missing_ok=True)
+        return len(doomed)
+
+
+def _expired(record: StoredFile) -> bool:
+    if not record.expires_at:
+        return False
+    return datetime.fromisoformat(record.expires_at.replace("Z", "+00:00")) <= datetime.now(timezone.utc)

@@ -42,7 +42,7 @@ def text_input_schema(version: Version) -> dict:
                               "default": d["frequency_penalty"], "x-order": 11},
         "stop_sequences": {"type": "string", "x-order": 12,
                            "description": "Comma-separated stop sequences"},
-        "seed": {"type": "integer", "minimum": 0, "x-order": 13},
+        "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1, "x-order": 13},
     }
     return {"type": "object", "title": "Input", "required": ["prompt"], "properties": props,
             "additionalProperties": False}

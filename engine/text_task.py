@@ -7,14 +7,24 @@ same whichever API the request came through.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.errors import InvalidInput, PromptTooLong
+from engine.errors import BadRequest, InvalidInput, PromptTooLong
 from engine.jobs import Choice, Job
 from engine.llm.types import GenerationRequest, SamplingParams
 from engine.registry import Version
+
+# A prompt longer than this many characters per context token cannot fit any tokenizer's context:
+# refuse it before tokenizing (tokenizing 10 MB costs far more memory than the text itself).
+MAX_CHARS_PER_TOKEN = 16
+
+# Tokenizing a long text leaves tens of MiB in the allocator's free lists that the process never
+# gives back (glibc keeps them per thread arena); after texts this long, hand them back.
+RELEASE_AFTER_CHARS = 64 * 1024
 
 # Used when a tokenizer has no chat template: plain role headers, documented in the README.
 FALLBACK_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}" \
@@ -35,6 +45,9 @@ class TextTask:
     params: SamplingParams = field(default_factory=SamplingParams)
     max_tokens_clip: bool = False  # clip max_new_tokens to the context instead of failing
     priority: int = 0  # lower is scheduled first; FIFO within a priority
+    # messages[start:end] are a stored conversation's history: when the whole does not fit the
+    # context, its oldest turns are left out (whole turns, each starting at a user message).
+    history_span: tuple[int, int] | None = None
 
 
 @dataclass
@@ -122,24 +135,124 @@ def render_prompt(task: TextTask, version: Version, tokenizer) -> str:
     return "\n\n".join(m["content"] for m in messages)
 
 
-def prepare(task: TextTask, job: Job, version: Version, tokenizer, max_model_len: int) -> PreparedText:
-    """Tokenize the task and check it fits the context, before anything is queued."""
-    tools = _tools_for_prompt(task)
+def _render(task: TextTask, version: Version, tokenizer, tools: list[dict] | None) -> str:
     if task.messages is not None:
         if not task.messages:
             raise InvalidInput("messages must not be empty", param="messages")
-        text = render_chat(tokenizer, task.messages, tools)
-    else:
-        text = render_prompt(task, version, tokenizer)
+        return render_chat(tokenizer, task.messages, tools)
+    return render_prompt(task, version, tokenizer)
+
+
+def _tokenize(tokenizer, text: str) -> list[int]:
     bos = tokenizer.bos_token
     add_special = not (bos and text.startswith(bos))
     ids = tokenizer(text, add_special_tokens=add_special)["input_ids"]
+    if len(text) >= RELEASE_AFTER_CHARS:
+        release_free_memory()
+    return ids
+
+
+def _libc_malloc_trim():
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Return the allocator's free memory to the OS (glibc's malloc_trim; elsewhere nothing)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _chars(messages: list[dict]) -> int:
+    return sum(len(_message_text(m.get("content"))) for m in messages)
+
+
+def _turn_starts(messages: list[dict], start: int, end: int) -> list[int]:
+    """Where the kept history may begin: at each user message, or with no history at all."""
+    return [i for i in range(start, end) if messages[i].get("role") == "user"] + [end]
+
+
+def _drop_history(task: TextTask, cut: int) -> None:
+    start, end = task.history_span
+    task.messages = task.messages[:start] + task.messages[cut:]
+    task.history_span = (start, end - (cut - start))
+
+
+def _room_needed(task: TextTask, max_model_len: int) -> int:
+    """Tokens the completion needs: what was asked, or a quarter of the context when no length
+    was asked for (the completion is clipped to what is left)."""
+    asked = task.params.max_new_tokens
+    return min(asked, max(1, max_model_len // 4)) if task.max_tokens_clip else asked
+
+
+def _fit_history(task: TextTask, version: Version, tokenizer, tools, max_model_len: int,
+                 char_limit: int) -> list[int] | None:
+    """Leave out the oldest history turns until the prompt fits (characters first, cheaply, then
+    tokens by bisection over turn boundaries). The prompt's tokens, or None without history."""
+    if task.history_span is None or task.messages is None:
+        return None
+    start, end = task.history_span
+    cuts = _turn_starts(task.messages, start, end)
+    fixed = _chars(task.messages[:start] + task.messages[end:])
+    cuts = [c for c in cuts if fixed + _chars(task.messages[c:end]) <= char_limit] or [end]
+    room = _room_needed(task, max_model_len)
+
+    def tokens_from(cut: int) -> list[int]:
+        messages = task.messages[:start] + task.messages[cut:]
+        return _tokenize(tokenizer, render_chat(tokenizer, messages, tools))
+
+    low, high = 0, len(cuts) - 1  # the first cut that fits is the one that keeps the most history
+    best = tokens_from(cuts[high])
+    if len(best) + room > max_model_len:
+        _drop_history(task, cuts[high])
+        return best
+    while low < high:
+        middle = (low + high) // 2
+        ids = tokens_from(cuts[middle])
+        if len(ids) + room <= max_model_len:
+            high, best = middle, ids
+        else:
+            low = middle + 1
+    _drop_history(task, cuts[high])
+    return best
+
+
+def _check_chars(task: TextTask, char_limit: int) -> None:
+    if task.messages is not None:
+        span = task.history_span or (0, 0)
+        own = task.messages[:span[0]] + task.messages[span[1]:]
+        size, param = _chars(own), "messages"
+    else:
+        size, param = len(task.prompt or "") + len(task.system_prompt or ""), "prompt"
+    if size > char_limit:
+        raise InvalidInput(f"the prompt is {size} characters; this model takes at most {char_limit}", param=param)
+
+
+def prepare(task: TextTask, job: Job, version: Version, tokenizer, max_model_len: int) -> PreparedText:
+    """Tokenize the task and check it fits the context, before anything is queued."""
+    tools = _tools_for_prompt(task)
+    char_limit = max_model_len * MAX_CHARS_PER_TOKEN
+    _check_chars(task, char_limit)
+    ids = _fit_history(task, version, tokenizer, tools, max_model_len, char_limit)
+    if ids is None:
+        ids = _tokenize(tokenizer, _render(task, version, tokenizer, tools))
+    if not ids:
+        raise BadRequest("the prompt is empty", param="messages" if task.messages is not None else "prompt")
     params = task.params
     if len(ids) + params.max_new_tokens > max_model_len:
         if task.max_tokens_clip and len(ids) < max_model_len:
             params.max_new_tokens = max_model_len - len(ids)
         else:
-            raise PromptTooLong(len(ids), 1 if task.max_tokens_clip else params.max_new_tokens, max_model_len)
+            prompt_param = "messages" if task.messages is not None else "prompt"
+            param = "max_tokens" if len(ids) < max_model_len and not task.max_tokens_clip else prompt_param
+            raise PromptTooLong(len(ids), 1 if task.max_tokens_clip else params.max_new_tokens, max_model_len,
+                                param=param)
     outside = [t for t in params.logit_bias if not 0 <= t < len(tokenizer)]
     if outside:
         raise InvalidInput(f"logit_bias token ids must be between 0 and {len(tokenizer) - 1}; got {outside[:5]}",

@@ -33,16 +33,24 @@ def file_resolver(files: FileStore) -> Callable[[str], bytes | None]:
     return resolve
 
 
-def prepare(task: VideoTask, job: Job, files: FileStore, allow_http: bool, family):
+def load_image(task: VideoTask, files: FileStore, allow_http: bool, allow_private: bool = False) -> None:
+    """Fetch and decode the task's image in place (InvalidInput when it is unusable). Callers that
+    queue a job before its model is ready run this first, so a bad image is a 422 at creation
+    rather than a failed prediction later. Blocking: call it off the event loop."""
+    from engine.video.inputs import decode_image
+
+    if "image" in task.inputs:
+        task.inputs["image"] = decode_image(task.inputs["image"], resolve_file=file_resolver(files),
+                                            allow_http=allow_http, allow_private=allow_private)
+
+
+def prepare(task: VideoTask, job: Job, files: FileStore, allow_http: bool, family, allow_private: bool = False):
     """Decode the image and check the family's rules (frame counts, size multiples) now, so bad
     inputs are a 422 before the job is queued."""
-    from engine.video.inputs import decode_image
     from engine.video.worker import VideoRequest
 
+    load_image(task, files, allow_http, allow_private)
     inputs = dict(task.inputs)
-    if "image" in inputs:
-        inputs["image"] = decode_image(inputs["image"], resolve_file=file_resolver(files),
-                                       allow_http=allow_http)
     family.normalize(inputs)
     return VideoRequest(request_id=job.id, inputs=inputs)
 

@@ -11,14 +11,15 @@ from fastapi import Depends, FastAPI, Request
 from engine.engine import Engine, EngineOptions, demo_registry
 from engine.files import FileStore
 from server import errors, flowise, metrics, models_api, openai, playground, replicate
-from server.auth import Authenticator, require_identity
+from server.auth import Authenticator, JWTPolicy, is_authorized, require_identity
+from server.guard import Limits, RequestGuard
+from server.openapi_docs import error_responses
 from server.jobs import JobService
 from server.settings import Settings
 from server.store import Store
 
 log = logging.getLogger("ember.server")
 
-SESSION_SWEEP_S = 600
 
 
 def public_base(settings: Settings) -> str:
@@ -32,23 +33,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         base = public_base(settings)
         registry = await asyncio.to_thread(demo_registry, settings.home, settings.models)
-        files = FileStore(settings.files_dir)
+        files = FileStore(settings.files_dir, ttl_hours=settings.file_ttl_hours)
         engine = Engine(registry, files, EngineOptions(
-            allow_http_inputs=settings.allow_http_inputs, max_running_jobs=settings.max_queue,
+            allow_http_inputs=settings.allow_http_inputs, allow_private_urls=settings.allow_private_urls,
+            max_running_jobs=settings.max_queue,
             memory_budgets=settings.memory_budget_bytes(),
             file_url=lambda file_id: f"{base}/v1/files/{file_id}/content"))
-        store = Store(settings.db_path)
+        store = Store(settings.db_path, max_sessions_per_owner=settings.max_sessions_per_key)
         app.state.settings = settings
         app.state.engine = engine
         app.state.files = files
         app.state.store = store
-        app.state.auth = Authenticator(settings.all_api_keys(), settings.jwt_secret)
+        app.state.auth = Authenticator(settings.all_api_keys(), settings.jwt_secret,
+                                       JWTPolicy(settings.jwt_max_lifetime_s, settings.jwt_audience,
+                                                 settings.jwt_issuer))
         app.state.jobs = JobService(engine, store, app.state.metrics, base)
         app.state.requeue = app.state.jobs.mark_interrupted(settings.requeue_interrupted)
         for hook in app.state.startup_hooks:
             await hook(app)
         await engine.start()
-        sweeper = asyncio.create_task(_sweep_sessions(store, settings.session_ttl_hours))
+        sweeper = asyncio.create_task(_sweep(store, files, settings))
         try:
             yield
         finally:
@@ -60,11 +64,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Versioned models on GPUs behind the Replicate, OpenAI and Flowise APIs.")
     app.state.metrics = metrics.Metrics()
     app.state.startup_hooks = []  # routers add coroutines run once the engine exists
+    app.add_middleware(RequestGuard, limits=Limits(
+        max_json_bytes=settings.max_json_bytes, max_upload_bytes=settings.max_upload_bytes,
+        max_json_depth=settings.max_json_depth, body_timeout_s=settings.body_timeout_s))
     errors.install(app)
     metrics.install(app, app.state.metrics)
 
     @app.get("/health", tags=["health"])
     async def health(request: Request) -> dict:
+        """Liveness for everyone; the models, their versions and load errors only for callers
+        with a key when the server has keys."""
+        if not is_authorized(request):
+            return {"status": "ok"}
         engine: Engine = request.app.state.engine
         models = [models_api.lifecycle(engine.pool, version) for version in engine.registry.versions()]
         budgets = engine.pool.budgets
@@ -75,10 +86,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def whoami(identity: str = Depends(require_identity)) -> dict:
         return {"identity": identity}
 
-    app.include_router(models_api.router, tags=["models"])
-    app.include_router(openai.router, tags=["openai"])
-    app.include_router(replicate.router, tags=["replicate"])
-    app.include_router(flowise.router, tags=["flowise"])
+    app.include_router(models_api.router, tags=["models"], responses=error_responses("shared"))
+    app.include_router(openai.router, tags=["openai"], responses=error_responses("openai"))
+    app.include_router(replicate.router, tags=["replicate"], responses=error_responses("replicate"))
+    app.include_router(flowise.router, tags=["flowise"], responses=error_responses("flowise"))
     app.include_router(playground.router)
     for router_module in (openai, replicate, flowise):
         hook = getattr(router_module, "on_startup", None)
@@ -87,13 +98,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-async def _sweep_sessions(store: Store, ttl_hours: float) -> None:
+async def _sweep(store: Store, files: FileStore, settings: Settings) -> None:
+    """Delete idle sessions and expired files, forever."""
     while True:
         try:
-            store.expire_sessions(ttl_hours)
+            store.expire_sessions(settings.session_ttl_hours)
+            await asyncio.to_thread(files.delete_expired)
         except Exception:  # noqa: BLE001 - the sweep must never stop the server
-            log.exception("session sweep failed")
-        await asyncio.sleep(SESSION_SWEEP_S)
+            log.exception("sweep of sessions and files failed")
+        await asyncio.sleep(settings.sweep_interval_s)
 
 
 def _version() -> str:

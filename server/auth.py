@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import time
+from dataclasses import dataclass
 
 import jwt
 from fastapi import Request
@@ -28,10 +30,21 @@ def identity_of_key(key: str) -> str:
     return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+@dataclass
+class JWTPolicy:
+    """What an HS256 token must carry: `exp` no further than `max_lifetime_s` from its `iat` (or
+    from now, without one), a non-empty `sub`, and the configured `aud`/`iss` when set."""
+
+    max_lifetime_s: int = 24 * 3600
+    audience: str | None = None
+    issuer: str | None = None
+
+
 class Authenticator:
-    def __init__(self, api_keys: list[str], jwt_secret: str | None = None):
+    def __init__(self, api_keys: list[str], jwt_secret: str | None = None, jwt_policy: JWTPolicy | None = None):
         self.key_digests = [hashlib.sha256(k.encode()).digest() for k in api_keys]
         self.jwt_secret = jwt_secret
+        self.jwt_policy = jwt_policy or JWTPolicy()
 
     @property
     def enabled(self) -> bool:
@@ -51,13 +64,25 @@ class Authenticator:
         if matched:
             return identity_of_key(token)
         if self.jwt_secret and token.count(".") == 2:
-            try:
-                claims = jwt.decode(token, self.jwt_secret, algorithms=["HS256"],
-                                    options={"require": ["sub"]})
-                return "jwt:" + str(claims["sub"])
-            except jwt.PyJWTError as exc:
-                raise Unauthorized(f"Invalid token: {exc}") from None
+            return "jwt:" + self._jwt_subject(token)
         raise Unauthorized("Invalid API key.")
+
+    def _jwt_subject(self, token: str) -> str:
+        policy = self.jwt_policy
+        required = ["sub", "exp"] + (["aud"] if policy.audience else []) + (["iss"] if policy.issuer else [])
+        try:
+            claims = jwt.decode(token, self.jwt_secret, algorithms=["HS256"], audience=policy.audience,
+                                issuer=policy.issuer, options={"require": required})
+        except jwt.PyJWTError as exc:
+            raise Unauthorized(f"Invalid token: {exc}") from None
+        subject = claims["sub"]
+        if not isinstance(subject, str) or not subject.strip():
+            raise Unauthorized("Invalid token: 'sub' must be a non-empty string.")
+        issued = claims.get("iat")
+        start = issued if isinstance(issued, (int, float)) else time.time()
+        if claims["exp"] - start > policy.max_lifetime_s:
+            raise Unauthorized(f"Invalid token: it lives longer than this server's {policy.max_lifetime_s} s limit.")
+        return subject
 
 
 def bearer_token(request: Request) -> str | None:
@@ -66,6 +91,15 @@ def bearer_token(request: Request) -> str | None:
     if scheme.lower() in ("bearer", "token") and token.strip():
         return token.strip()
     return None
+
+
+def is_authorized(request: Request) -> bool:
+    """Whether the caller presents a valid credential (always true on an open server)."""
+    try:
+        request.app.state.auth.check(bearer_token(request))
+        return True
+    except Unauthorized:
+        return False
 
 
 def require_identity(request: Request) -> str:

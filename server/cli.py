@@ -44,6 +44,7 @@ def serve(
 
     from server.app import create_app
     from server.settings import Settings
+    from server.statelock import StateFolderBusy, lock_state_folder
 
     overrides: dict = {}
     if host:
@@ -62,8 +63,17 @@ def serve(
         console.print(f"[red]Refusing to bind {settings.host} without API keys.[/red] Pass --api-key "
                       "(or EMBER_API_KEYS), or --allow-insecure-bind if you really mean it.")
         raise typer.Exit(2)
+    try:
+        lock = lock_state_folder(settings.home)  # before anything (restart recovery) reads the folder
+    except StateFolderBusy as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(4) from None
     console.print(f"ember home: {settings.home}\nmodels: {settings.models}")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level)
+    try:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
+                    timeout_keep_alive=settings.timeout_keep_alive_s)
+    finally:
+        lock.release()
 
 
 MODELS_EXAMPLES = """Examples:

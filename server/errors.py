@@ -95,5 +95,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
         log.exception("unhandled error on %s %s", request.method, request.url.path)
+        # Starlette re-raises after this answer and the server then drops the connection: say so,
+        # or a pooled client sends its next request on a dead connection.
         return error_response(request, 500, "Internal server error; see the server log.",
-                              code="internal_error")
+                              code="internal_error", headers={"Connection": "close"})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 import uuid
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.errors import BadRequest, JobFailed, ModelNotFound, NotFound
 from engine.jobs import Job
@@ -33,7 +35,9 @@ from engine.registry import Flow, Version
 from engine.schemas import input_schema, validate_input
 from engine.text_task import TextTask
 from engine.video_task import VideoTask
-from server.auth import bearer_token
+from server.auth import Unauthorized, bearer_token
+from server.guard import FORM_TYPES, UnusableJSON, strict_loads
+from server.openapi_docs import FLOWISE_FEEDBACK, FLOWISE_PREDICTION
 from server.sessions import (FLOWISE_ROLES, OPENAI_ROLES, Conversation, dropped_on_error, open_conversation,
                              record_turn)
 from server.store import Store
@@ -45,6 +49,9 @@ DISCONNECT_POLL_S = 1.0
 RATINGS = ("THUMBS_UP", "THUMBS_DOWN")
 SYSTEM_OVERRIDES = ("systemMessage", "systemMessagePrompt")
 FLOW_VARIABLE = re.compile(r"\{\{\s*\$vars\.([A-Za-z0-9_]+)\s*\}\}")
+MAX_FORM_FILES = 8
+MAX_FORM_FIELDS = 64
+MAX_SEED = 2**63 - 1
 
 
 # ------------------------------------------------------------------ request bodies
@@ -120,7 +127,9 @@ def _history(items: list[HistoryMessage]) -> list[dict]:
 
 async def _json(request: Request, what: str) -> Any:
     try:
-        return await request.json()
+        return strict_loads(await request.body())
+    except UnusableJSON as exc:
+        raise BadRequest(str(exc)) from None
     except ValueError:
         raise BadRequest(f"The body must be {what}.") from None
 
@@ -133,15 +142,24 @@ async def _read_json(request: Request) -> Ask:
 
 
 def _form_value(value: str) -> Any:
-    """Form fields are text; numbers, booleans and objects arrive JSON-encoded."""
+    """Form fields are text; numbers, booleans and objects arrive JSON-encoded (finite and
+    shallow, as in JSON bodies)."""
     try:
-        return json.loads(value)
+        return strict_loads(value)
+    except UnusableJSON as exc:
+        raise BadRequest(str(exc)) from None
     except ValueError:
         return value
 
 
 async def _read_form(request: Request) -> Ask:
-    form = await request.form()
+    """multipart/form-data (with files) or application/x-www-form-urlencoded (without)."""
+    settings = request.app.state.settings
+    try:
+        form = await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS,
+                                  max_part_size=settings.max_form_part_bytes)
+    except StarletteHTTPException as exc:  # the form parser's own limits
+        raise BadRequest(str(exc.detail)) from None
     fields: dict[str, Any] = {}
     uploads = []
     for key, value in form.multi_items():
@@ -170,7 +188,7 @@ async def _read_form(request: Request) -> Ask:
 
 
 async def _read_ask(request: Request) -> Ask:
-    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+    if request.headers.get("content-type", "").lower().startswith(FORM_TYPES):
         return await _read_form(request)
     return await _read_json(request)
 
@@ -218,9 +236,9 @@ def _number(kind: type, minimum: float | None = None, maximum: float | None = No
             if isinstance(value, bool) or value is None:
                 raise ValueError
             number = kind(value)
-            if kind is int and number != float(value):
+            if not math.isfinite(float(number)) or (kind is int and number != float(value)):
                 raise ValueError
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise BadRequest(f"{where} must be {'an integer' if kind is int else 'a number'}, got {value!r}",
                              param=where) from None
         if minimum is not None and number < minimum:
@@ -253,7 +271,7 @@ SAMPLING = {
     "top_k": ("top_k", _number(int, -1)),
     "minP": ("min_p", _number(float, 0, 1)),
     "min_p": ("min_p", _number(float, 0, 1)),
-    "seed": ("seed", _number(int, 0)),
+    "seed": ("seed", _number(int, 0, MAX_SEED)),
     "repetitionPenalty": ("repetition_penalty", _number(float, 0.01, 10)),
     "repetition_penalty": ("repetition_penalty", _number(float, 0.01, 10)),
     "presencePenalty": ("presence_penalty", _number(float, -2, 2)),
@@ -304,7 +322,10 @@ def _text_task(flow: Flow, version: Version, ask: Ask, allowed: dict) -> TextTas
 
 
 def _with_history(task: TextTask, history: list[dict]) -> None:
+    """Put the history before the question; its oldest turns may be left out to fit the context."""
+    start = len(task.messages) - 1
     task.messages[-1:-1] = history
+    task.history_span = (start, start + len(history)) if history else None
 
 
 def _image(uploads: list[FileUpload]) -> str | None:
@@ -365,7 +386,7 @@ def _failure(job: Job) -> str:
     return job.error or ("The prediction was canceled." if job.status == "canceled" else "The prediction failed.")
 
 
-@router.post("/prediction/{flow_id}")
+@router.post("/prediction/{flow_id}", openapi_extra=FLOWISE_PREDICTION)
 async def predict(flow_id: str, request: Request):
     flow, identity = _authorized_flow(request, flow_id)
     version = _registry(request).resolve(flow.model)
@@ -444,11 +465,24 @@ async def ping() -> str:
     return "pong"
 
 
+def _may_see(request: Request, flow: Flow) -> bool:
+    """Whether the caller holds the key a flow with its own key asks for (or a server key)."""
+    if not flow.api_key:
+        return True
+    try:
+        _identity(request, flow)
+        return True
+    except Unauthorized:
+        return False
+
+
 @router.get("/chatflows")
 async def list_chatflows(request: Request) -> list[dict]:
+    """The flows the caller may use: a flow with its own key is listed only to holders of it
+    (or of a server key)."""
     _identity(request, None)
     registry = _registry(request)
-    return [_chatflow(flow, registry) for flow in registry.flows.values()]
+    return [_chatflow(flow, registry) for flow in registry.flows.values() if _may_see(request, flow)]
 
 
 @router.get("/chatflows/{flow_id}")
@@ -459,9 +493,13 @@ async def get_chatflow(flow_id: str, request: Request) -> dict:
 
 @router.get("/chatflows-streaming/{flow_id}")
 async def chatflow_streaming(flow_id: str, request: Request) -> dict:
-    """No auth: the SDK asks this before every prediction without sending its key."""
+    """No auth: the SDK asks this before every prediction without sending its key. So that it
+    tells nothing about which flows exist, an unknown flow and a flow with its own key (asked
+    without that key) answer alike: not streaming."""
     registry = _registry(request)
-    flow = registry.flow(flow_id)
+    flow = registry.flows.get(flow_id)
+    if flow is None or not _may_see(request, flow):
+        return {"isStreaming": False}
     return {"isStreaming": _streams(flow, registry.resolve(flow.model))}
 
 
@@ -540,7 +578,7 @@ async def delete_chat_messages(flow_id: str, request: Request, chatId: str | Non
     return {"raw": [], "affected": affected}
 
 
-@router.post("/feedback")
+@router.post("/feedback", openapi_extra=FLOWISE_FEEDBACK)
 async def create_feedback(request: Request) -> dict:
     body: FeedbackBody = _parse(FeedbackBody, await _json(request, "JSON"))
     message_id = body.messageId or body.chatMessageId

@@ -12,20 +12,21 @@ model version sets a default `max_new_tokens`.
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any, AsyncIterator, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from engine.errors import BadRequest, InvalidInput, JobFailed
+from engine.errors import BadRequest, Forbidden, InvalidInput, JobFailed
 from engine.jobs import Choice, Event, Job
 from engine.llm.types import SamplingParams, TokenLogprob
 from engine.registry import Version, parse_keep_alive
 from engine.text_task import TextTask
-from server.auth import require_identity
+from server.auth import bearer_token, identity_of_key, require_identity
 from server.sessions import Conversation, dropped_on_error, open_conversation, record_turn
 
 router = APIRouter(dependencies=[Depends(require_identity)])
@@ -33,6 +34,7 @@ router = APIRouter(dependencies=[Depends(require_identity)])
 PING_S = 15
 DISCONNECT_POLL_S = 0.5
 MAX_N = 16
+MAX_PRIORITY = 100
 OPENAI_FINISH = {"stop", "length", "tool_calls"}
 SAMPLING_DEFAULTS = ("max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "min_p",
                      "repetition_penalty", "presence_penalty", "frequency_penalty", "seed")
@@ -103,13 +105,13 @@ class SamplingRequest(BaseModel):
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)
     min_tokens: int | None = Field(None, ge=0)
-    priority: int = 0  # lower is served first (vLLM's convention); FIFO within a priority
+    priority: int = Field(0, ge=-MAX_PRIORITY, le=MAX_PRIORITY)  # lower is served first (vLLM's convention)
 
     @field_validator("logit_bias")
     @classmethod
     def _token_ids(cls, value: dict[str, float] | None):
         for key, bias in (value or {}).items():
-            if not key.lstrip("-").isdigit():
+            if not re.fullmatch(r"-?[0-9]{1,10}", key):
                 raise ValueError(f"keys are token ids as strings; got {key!r}")
             if not -100 <= bias <= 100:
                 raise ValueError(f"bias for token {key} must be between -100 and 100")
@@ -166,6 +168,8 @@ def sampling_params(body: SamplingRequest, version: Version, max_tokens: int | N
     values.update({k: v for k, v in given.items() if v is not None})
     values["top_k"] = max(0, int(values.get("top_k", 0)))
     values["min_new_tokens"] = max(0, int(values.get("min_new_tokens", 0)))
+    if body.min_tokens is not None and max_tokens is not None and body.min_tokens > max_tokens:
+        raise InvalidInput("min_tokens must not exceed max_tokens", param="min_tokens")
     clip = "max_new_tokens" not in values
     if clip:
         values["max_new_tokens"] = int(version.limits.get("max_model_len", 1 << 20))
@@ -201,7 +205,8 @@ def chat_task(body: ChatRequest, version: Version, history: list[dict]) -> TextT
     response_format = body.response_format.model_dump(exclude_none=True) if body.response_format else None
     return TextTask(messages=history + _chat_messages(body.messages), tools=tools or None,
                     tool_choice=choice or ("auto" if tools else "none"), response_format=response_format,
-                    params=params, max_tokens_clip=clip, priority=body.priority)
+                    params=params, max_tokens_clip=clip, priority=body.priority,
+                    history_span=(0, len(history)) if history else None)
 
 
 def completion_task(body: CompletionRequest, version: Version) -> TextTask:
@@ -219,7 +224,18 @@ def wants_stream(body: SamplingRequest, request: Request) -> bool:
     return bool(body.stream) or "text/event-stream" in request.headers.get("accept", "")
 
 
+def check_priority(request: Request, priority: int) -> None:
+    """Only keys listed in EMBER_PRIORITY_API_KEYS may jump (or yield) the queue."""
+    if priority == 0:
+        return
+    allowed = {identity_of_key(k) for k in request.app.state.settings.priority_api_keys}
+    token = bearer_token(request)
+    if token is None or identity_of_key(token) not in allowed:
+        raise Forbidden("priority is only accepted from API keys configured for it", param="priority")
+
+
 async def submit(request: Request, body: BaseModel, version: Version, task: TextTask, identity: str) -> Job:
+    check_priority(request, task.priority)
     job = Job(model=version.model, version=version.id, kind=version.kind,
               input=body.model_dump(exclude_none=True), task=task, owner=identity, source="openai",
               keep_alive=parse_keep_alive((body.model_extra or {}).get("keep_alive")))
@@ -479,9 +495,13 @@ def session_object(session: dict, messages: list[dict] | None = None) -> dict:
 
 
 @router.get("/v1/sessions")
-async def list_sessions(request: Request, identity: str = Depends(require_identity)) -> dict:
-    sessions = request.app.state.store.list_sessions(identity)
-    return {"object": "list", "data": [session_object(s) for s in sessions]}
+async def list_sessions(request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=100),
+                        identity: str = Depends(require_identity)) -> dict:
+    """Newest first, a page at a time: pass the last id of a page as `after` for the next."""
+    sessions = request.app.state.store.list_sessions(identity, after=after, limit=limit + 1)
+    page = sessions[:limit]
+    return {"object": "list", "data": [session_object(s) for s in page], "has_more": len(sessions) > limit,
+            "first_id": page[0]["id"] if page else None, "last_id": page[-1]["id"] if page else None}
 
 
 @router.get("/v1/sessions/{session_id}")

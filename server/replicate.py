@@ -21,13 +21,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse
 
-from engine.errors import EmberError, InvalidInput, NotFound
+from engine.errors import BadRequest, EmberError, InvalidInput, NotFound
 from engine.jobs import Event, Job
 from engine.llm.types import SamplingParams
 from engine.registry import Version, parse_keep_alive
 from engine.schemas import validate_input
 from engine.text_task import TextTask
-from engine.video_task import VideoTask
+from engine.video_task import VideoTask, load_image
 from server import files_api
 from server.auth import require_identity
 from server.jobs import prediction_doc, prediction_urls, request_base_url
@@ -99,7 +99,7 @@ async def checked_webhook(request: Request, body: ModelPredictionBody) -> tuple[
     if webhook is None and body.webhook_completed:
         webhook, events = body.webhook_completed, ["completed"]
     if webhook:
-        await asyncio.to_thread(check_target, webhook, request.app.state.settings.webhook_allow_private)
+        await asyncio.to_thread(check_target, webhook, request.app.state.settings.webhooks_may_reach_private)
     return webhook, events
 
 
@@ -111,7 +111,7 @@ def wait_seconds(prefer: str | None) -> int | None:
             value = value.strip().strip('"')
             if not value:
                 return WAIT_MAX_S
-            if not value.isdigit():
+            if not re.fullmatch(r"[0-9]+", value):
                 return None  # RFC 7240: a preference the server cannot read is ignored
             return min(max(int(value), 1), WAIT_MAX_S)
     return None
@@ -226,6 +226,10 @@ async def create_prediction(request: Request, ref: str, body: ModelPredictionBod
     version = request.app.state.engine.registry.resolve(ref)
     job = new_job(version, body.input, identity, webhook, events)
     job.keep_alive = parse_keep_alive(body.keep_alive)
+    if isinstance(job.task, VideoTask):
+        engine = request.app.state.engine
+        await asyncio.to_thread(load_image, job.task, engine.files, engine.options.allow_http_inputs,
+                                engine.options.allow_private_urls)
     await request.app.state.jobs.submit(job, wait_ready=False)
     if deadline is not None:
         cancel_later(request, job, deadline)
@@ -258,9 +262,12 @@ def _cursor(doc: dict) -> str:
 
 def _decode_cursor(cursor: str) -> str:
     try:
-        return base64.urlsafe_b64decode(cursor.encode()).decode()
+        decoded = base64.urlsafe_b64decode(cursor.encode()).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise InvalidInput("invalid cursor", param="cursor") from None
+        decoded = ""
+    if not re.fullmatch(r"[0-9T:.\-+Z]+\|[a-z0-9]+", decoded):
+        raise BadRequest("invalid cursor: use the `next` URL of a previous page", param="cursor")
+    return decoded
 
 
 @router.get("/v1/predictions")
@@ -338,7 +345,7 @@ async def on_startup(app) -> None:
     for them, so they stay failed as interrupted."""
     jobs = app.state.jobs
     sender = WebhookSender(lambda job: public(prediction_doc(job, jobs.base_url)), app.state.settings.webhook_secret,
-                           app.state.settings.webhook_allow_private, asyncio.get_running_loop())
+                           app.state.settings.webhooks_may_reach_private, asyncio.get_running_loop())
     app.state.webhooks = sender
     jobs.hooks.append(sender.on_change)
     for doc in app.state.requeue:

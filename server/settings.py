@@ -21,19 +21,37 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     api_keys_file: Path | None = None
     jwt_secret: str | None = None  # HS256 bearer tokens signed with this are accepted too
+    jwt_max_lifetime_s: int = 24 * 3600  # tokens must carry `exp`, at most this far from `iat` (or now)
+    jwt_audience: str | None = None  # when set, tokens must carry this `aud`
+    jwt_issuer: str | None = None  # when set, tokens must carry this `iss`
+    priority_api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)  # may send `priority`
+    metrics_require_key: bool = False  # /metrics answers only callers with a key
+    max_json_bytes: int = 32 * 2**20  # JSON request bodies (room for a 20 MB image as base64)
+    max_upload_bytes: int = 100 * 2**20  # /v1/files uploads and Flowise form posts
+    max_form_part_bytes: int = 2**20  # one non-file field of a form post
+    max_json_depth: int = 64
+    body_timeout_s: float = 30.0  # a client that sends no body bytes for this long gets 408
+    timeout_keep_alive_s: int = 5
+    file_ttl_hours: float = 24 * 7
+    max_files_per_key: int = 1000
+    max_file_bytes_per_key: int = 2 * 2**30
+    max_sessions_per_key: int = 1000
+    sweep_interval_s: float = 600.0  # how often expired files and idle sessions are deleted
     allow_insecure_bind: bool = False  # bind a non-loopback address without API keys
     public_url: str | None = None  # base URL used in links (urls.get, file URLs); else the request's
-    allow_http_inputs: bool = False  # fetch http(s) URLs given as file inputs
+    allow_http_inputs: bool = True  # fetch public http(s) URLs given as file inputs
+    allow_private_urls: bool = False  # let inputs and webhooks reach loopback/private addresses (trusted networks)
+    url_fetch_timeout_s: float = 10.0
     sessions: bool = True
     session_ttl_hours: float = 24 * 7
     webhook_secret: str | None = None  # Standard-Webhooks signing secret ("whsec_<base64>")
-    webhook_allow_private: bool = False  # allow webhooks to loopback/private addresses
+    webhook_allow_private: bool = False  # allow webhooks (only) to loopback/private addresses
     requeue_interrupted: bool = False  # re-run predictions interrupted by a restart
     max_queue: int = 1024
     memory_budgets: str | None = None  # per-device GiB, e.g. "cpu=16,cuda:0=70"; default 90% of GPUs, half of RAM
     log_level: str = "info"
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "priority_api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value):
         if isinstance(value, str):
@@ -66,3 +84,7 @@ class Settings(BaseSettings):
     @property
     def files_dir(self) -> Path:
         return self.home / "files"
+
+    @property
+    def webhooks_may_reach_private(self) -> bool:
+        return self.webhook_allow_private or self.allow_private_urls

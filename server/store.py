@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from engine.errors import Forbidden, NotFound
+from engine.errors import Forbidden, NotFound, QuotaExceeded
 from engine.jobs import new_id, utcnow
 
 SCHEMA = """
@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS feedback (
 
 
 class Store:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, max_sessions_per_owner: int | None = None):
+        self.max_sessions_per_owner = max_sessions_per_owner
         path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self.db.row_factory = sqlite3.Row
@@ -91,6 +92,10 @@ class Store:
 
     def create_session(self, owner: str | None, model: str | None, flow_id: str | None = None,
                        session_id: str | None = None, doc: dict | None = None) -> dict:
+        limit = self.max_sessions_per_owner
+        if limit is not None and self.count_sessions(owner) >= limit:
+            raise QuotaExceeded(f"this key already has {limit} sessions, the limit; delete some "
+                                "(or let idle ones expire) first", param="session_id")
         now = utcnow()
         session_id = session_id or new_id()
         self._exec("INSERT INTO sessions (id, owner, flow_id, model, created_at, updated_at, doc) "
@@ -113,7 +118,10 @@ class Store:
         rows = self._exec("SELECT id FROM sessions WHERE id = ?", (session_id,))
         return dict(rows[0]) if rows else None
 
-    def list_sessions(self, owner: str | None, flow_id: str | None = None) -> list[dict]:
+    def list_sessions(self, owner: str | None, flow_id: str | None = None, *, after: str | None = None,
+                      limit: int = 100) -> list[dict]:
+        """Newest first, at most `limit`; `after` is the id of the last session of the previous
+        page (NotFound when it is not one of the owner's sessions)."""
         sql, args = "SELECT id FROM sessions WHERE 1=1", []
         if owner is not None:
             sql += " AND owner = ?"
@@ -121,8 +129,15 @@ class Store:
         if flow_id is not None:
             sql += " AND flow_id = ?"
             args.append(flow_id)
-        rows = self._exec(sql + " ORDER BY updated_at DESC", tuple(args))
+        if after is not None:
+            last = self.get_session(after, owner)
+            sql += " AND (created_at < ? OR (created_at = ? AND id < ?))"
+            args += [last["created_at"], last["created_at"], last["id"]]
+        rows = self._exec(sql + " ORDER BY created_at DESC, id DESC LIMIT ?", (*args, limit))
         return [self.get_session(r["id"], owner) for r in rows]
+
+    def count_sessions(self, owner: str | None) -> int:
+        return self._exec("SELECT COUNT(*) AS n FROM sessions WHERE owner IS ?", (owner,))[0]["n"]
 
     def touch_session(self, session_id: str) -> None:
         self._exec("UPDATE sessions SET updated_at = ? WHERE id = ?", (utcnow(), session_id))

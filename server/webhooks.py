@@ -5,10 +5,10 @@ Events (chosen per prediction with `webhook_events_filter`): `start` when the jo
 `completed` once the job ends, retried with backoff until the receiver answers 2xx. Every request
 carries the whole prediction object, as Replicate's do.
 
-Targets must be http(s) URLs whose host resolves only to public addresses unless
-`webhook_allow_private` is set, so a caller cannot make the server reach loopback, private,
-link-local (cloud metadata) or otherwise internal addresses. The check runs when the prediction is
-created and again before every delivery; redirects are not followed.
+Targets go through engine/urls.py, the same guarded path as image URLs: http(s) only, every
+address the host resolves to must be public (unless `webhook_allow_private` or
+`allow_private_urls` is set), and each delivery connects to the address it just checked. The check
+runs when the prediction is created and again before every delivery; redirects are not followed.
 """
 
 from __future__ import annotations
@@ -17,18 +17,16 @@ import asyncio
 import base64
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
-import socket
 import time
 from typing import Callable
-from urllib.parse import urlsplit
 
 import httpx
 
 from engine.errors import InvalidInput
 from engine.jobs import Event, Job, new_id
+from engine.urls import Target, URLRefused, pin
 
 log = logging.getLogger("ember.webhooks")
 
@@ -38,30 +36,13 @@ RETRY_DELAYS_S = (1, 2, 4, 8, 16, 32, 64)
 TIMEOUT_S = 10.0
 
 
-def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_global and not address.is_multicast
-
-
-def check_target(url: str, allow_private: bool) -> None:
-    """Raise InvalidInput (param `webhook`) unless `url` is an acceptable webhook target.
+def check_target(url: str, allow_private: bool) -> Target:
+    """The webhook target pinned to its checked address, or InvalidInput (param `webhook`).
     Resolves the host name, so call it off the event loop."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidInput("webhook must be an absolute http(s) URL", param="webhook")
-    if allow_private:
-        return
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        infos = socket.getaddrinfo(parts.hostname, port, proto=socket.IPPROTO_TCP)
-    except (OSError, ValueError) as exc:
-        raise InvalidInput(f"webhook host {parts.hostname!r} cannot be resolved: {exc}", param="webhook") from None
-    addresses = {ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos}
-    refused = sorted(str(a) for a in addresses if not _is_public(a))
-    if refused:
-        raise InvalidInput(f"webhook host {parts.hostname!r} resolves to a non-public address ({', '.join(refused)}); "
-                           "this server only calls public webhook addresses", param="webhook")
+        return pin(url, allow_private)
+    except URLRefused as exc:
+        raise InvalidInput(f"webhook: {exc}", param="webhook") from None
 
 
 def signing_key(secret: str) -> bytes:
@@ -141,14 +122,16 @@ class WebhookSender:
         for delay in (0, *retries):
             await asyncio.sleep(delay)
             try:
-                await asyncio.to_thread(check_target, job.webhook, self.allow_private)
+                target = await asyncio.to_thread(check_target, job.webhook, self.allow_private)
             except InvalidInput as exc:
                 log.warning("webhook for prediction %s refused: %s", job.id, exc.message)
                 return False
+            pinned = target.request_kwargs()
             headers = {"content-type": "application/json", "user-agent": "ember-webhooks",
-                       **signature_headers(self.secret, message_id, body)}
+                       **signature_headers(self.secret, message_id, body), **pinned["headers"]}
             try:
-                response = await client.post(job.webhook, content=body, headers=headers)
+                response = await client.post(target.url, content=body, headers=headers,
+                                             extensions=pinned["extensions"])
                 if 200 <= response.status_code < 300:
                     return True
                 log.info("webhook for prediction %s answered %s", job.id, response.status_code)

@@ -67,7 +67,8 @@ def test_chatflows_streaming_needs_no_auth(live_server):
     assert streaming(CHAT) is True
     assert streaming("locked-flow") is False
     assert streaming("tiny-video-flow") is False
-    assert_flowise_error(requests.get(api(live_server, "/chatflows-streaming/nope")), 404)
+    unknown = requests.get(api(live_server, "/chatflows-streaming/nope"))
+    assert unknown.status_code == 200 and unknown.json() == {"isStreaming": False}  # no existence oracle
 
 
 def test_unknown_flow_is_404(live_server):

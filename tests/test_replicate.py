@@ -348,6 +348,12 @@ def test_interrupted_predictions_are_requeued_when_configured(tmp_path, demo_fol
     try:
         with held_jobs(server):
             pending = sdk(server).predictions.create(model=MODEL, input=GREEDY)
+            # Restart once the model is loaded: a job still waiting for its model when the server
+            # stops is canceled by the shutdown, not interrupted.
+            states = app_of(server).state.engine.pool.states
+            deadline = time.monotonic() + 60
+            while not any(s.status == "ready" for s in states.values()) and time.monotonic() < deadline:
+                time.sleep(0.02)
             server.restart()
         final = wait_until_done(sdk(server), pending.id)
         assert final.status == "succeeded" and final.output and final.created_at == pending.created_at

@@ -7,9 +7,10 @@ import io
 
 import httpx
 import pytest
+from replicate.exceptions import ReplicateError
 
 from tests.conftest import API_KEY
-from tests.test_replicate import sdk, wait_until_done
+from tests.test_replicate import sdk
 
 MODEL = "ember/tiny-i2v"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -43,12 +44,14 @@ def test_stream_shows_progress_then_the_video(live_server):
     assert str(events[-2].data).endswith("/content")
 
 
-def test_http_image_urls_are_refused_unless_allowed(live_server):
+def test_unusable_image_urls_are_refused_at_creation(live_server):
+    """A URL that cannot be fetched is a 422 when the prediction is created, not a failed
+    prediction later."""
     body = {"prompt": "x", "image": "http://example.invalid/cat.png"}
     client = sdk(live_server)
-    prediction = client.models.predictions.create(model=MODEL, input=body)
-    final = wait_until_done(client, prediction.id)
-    assert final.status == "failed" and "disabled" in final.error
+    with pytest.raises(ReplicateError) as info:
+        client.models.predictions.create(model=MODEL, input=body)
+    assert info.value.status == 422 and "image" in info.value.detail
     response = httpx.post(f"{live_server.url}/v1/run", headers=AUTH, json={"model": MODEL, "input": body})
     assert response.status_code == 422 and "image" in response.json()["detail"]
 

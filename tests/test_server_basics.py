@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import jwt
 import pytest
 from fastapi.testclient import TestClient
@@ -40,9 +42,10 @@ def test_jwt_bearer_tokens(settings):
 
     app = create_app(settings.model_copy(update={"jwt_secret": "a-test-secret-of-at-least-32-bytes!!"}))
     with TestClient(app) as bare:
-        good = jwt.encode({"sub": "alice"}, "a-test-secret-of-at-least-32-bytes!!", algorithm="HS256")
+        claims = {"sub": "alice", "exp": int(time.time()) + 600}
+        good = jwt.encode(claims, "a-test-secret-of-at-least-32-bytes!!", algorithm="HS256")
         assert bare.get("/v1/whoami", headers={"Authorization": f"Bearer {good}"}).json() == {"identity": "jwt:alice"}
-        forged = jwt.encode({"sub": "alice"}, "another-secret-that-is-32-bytes-long", algorithm="HS256")
+        forged = jwt.encode(claims, "another-secret-that-is-32-bytes-long", algorithm="HS256")
         assert bare.get("/v1/whoami", headers={"Authorization": f"Bearer {forged}"}).status_code == 401
 
 

@@ -42,9 +42,15 @@ def test_our_files_by_id_or_url():
     assert decode_image("http://ember.local/v1/files/abc", resolve_file=files.get).size == (8, 8)
 
 
-def test_http_urls_are_refused_unless_allowed():
+def test_http_urls_can_be_turned_off():
     with pytest.raises(InvalidInput, match="disabled on this server") as info:
-        decode("https://example.com/cat.png")
+        decode("https://example.com/cat.png", allow_http=False)
+    assert info.value.param == "image" and info.value.status == 422
+
+
+def test_http_urls_to_private_addresses_are_refused_by_default(image_server):
+    with pytest.raises(InvalidInput, match="not a public address") as info:
+        decode(f"{image_server}/cat.png")
     assert info.value.param == "image" and info.value.status == 422
 
 
@@ -72,12 +78,12 @@ def image_server():
     server.shutdown()
 
 
-def test_http_urls_when_allowed(image_server):
-    assert decode(f"{image_server}/cat.png", allow_http=True).size == (40, 32)
+def test_http_urls_on_a_trusted_network(image_server):
+    assert decode(f"{image_server}/cat.png", allow_private=True).size == (40, 32)
     with pytest.raises(InvalidInput, match="could not fetch"):
-        decode(f"{image_server}/missing.png", allow_http=True)
+        decode(f"{image_server}/missing.png", allow_private=True)
     with pytest.raises(InvalidInput, match="byte limit"):
-        decode(f"{image_server}/cat.png", allow_http=True, max_bytes=100)
+        decode(f"{image_server}/cat.png", allow_private=True, max_bytes=100)
 
 
 @pytest.mark.parametrize("value, message", [

@@ -1,4 +1,5 @@
-"""The conditioning image: from a data URI, one of our uploaded files, or (when allowed) a URL.
+"""The conditioning image: from a data URI, one of our uploaded files, or a public http(s) URL
+(fetched through engine/urls.py's guarded fetcher).
 
 Everything that can go wrong with a client's image becomes an InvalidInput naming the problem,
 checked in order of cost: the encoded size before decoding, the pixel count from the header
@@ -10,13 +11,12 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import urllib.error
 import urllib.parse
-import urllib.request
 from typing import Callable
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from engine import urls
 from engine.errors import InvalidInput
 
 MAX_BYTES = 20 * 1024 * 1024
@@ -24,14 +24,15 @@ MAX_PIXELS = 4096 * 4096
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
 
-def decode_image(value, *, resolve_file: Callable[[str], bytes | None], allow_http: bool = False,
-                 max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS, timeout_s: float = 10.0,
-                 param: str = "image") -> Image.Image:
+def decode_image(value, *, resolve_file: Callable[[str], bytes | None], allow_http: bool = True,
+                 allow_private: bool = False, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS,
+                 timeout_s: float = 10.0, param: str = "image") -> Image.Image:
     """Decode an image input to an RGB PIL image.
 
     `value` is a data URI, a string that `resolve_file` recognises as one of our files (URL or
-    id; it returns the bytes, or None when the string is not ours), an http(s) URL (fetched only
-    when `allow_http`; this blocks, so call it off the event loop), raw bytes or a PIL image."""
+    id; it returns the bytes, or None when the string is not ours), an http(s) URL (fetched
+    when `allow_http`, from public addresses unless `allow_private`; this blocks, so call it off
+    the event loop), raw bytes or a PIL image."""
     if isinstance(value, Image.Image):
         return _to_rgb(value)
     if isinstance(value, (bytes, bytearray)):
@@ -49,7 +50,7 @@ def decode_image(value, *, resolve_file: Callable[[str], bytes | None], allow_ht
         if not allow_http:
             raise InvalidInput(f"{param}: fetching images from http(s) URLs is disabled on this server; "
                                "send a data URI or upload the file first", param=param)
-        return _decode(_fetch(value, max_bytes, timeout_s, param), max_bytes, max_pixels, param)
+        return _decode(_fetch(value, max_bytes, timeout_s, allow_private, param), max_bytes, max_pixels, param)
     raise InvalidInput(f"{param} must be a data URI, an uploaded file's URL or id, or an http(s) URL; "
                        f"got {value[:60]!r}", param=param)
 
@@ -72,17 +73,11 @@ def _data_uri_bytes(uri: str, max_bytes: int, param: str) -> bytes:
         raise InvalidInput(f"{param}: data URI is not valid base64", param=param) from None
 
 
-def _fetch(url: str, max_bytes: int, timeout_s: float, param: str) -> bytes:
-    request = urllib.request.Request(url, headers={"User-Agent": "ember"})
+def _fetch(url: str, max_bytes: int, timeout_s: float, allow_private: bool, param: str) -> bytes:
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            data = response.read(max_bytes + 1)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise InvalidInput(f"{param}: could not fetch {url}: {reason}", param=param) from None
-    if len(data) > max_bytes:
-        raise InvalidInput(f"{param} is larger than the {max_bytes} byte limit", param=param)
-    return data
+        return urls.fetch(url, max_bytes=max_bytes, timeout_s=timeout_s, allow_private=allow_private)
+    except urls.URLRefused as exc:
+        raise InvalidInput(f"{param}: {exc}", param=param) from None
 
 
 def _decode(data: bytes, max_bytes: int, max_pixels: int, param: str) -> Image.Image:
