@@ -1,8 +1,9 @@
 """Text jobs: from a dialect-neutral task to prompt tokens, through the LLM engine, to job events.
 
-Every dialect builds a `TextTask` (chat messages or a raw prompt, tools, output format, sampling)
-and the engine runs it here, so prompt templates, tool-call parsing and JSON output behave the
-same whichever API the request came through.
+Every dialect builds a `TextTask` (chat messages, a raw prompt or prompt token ids, tools, output
+format, sampling) and the engine runs it here, so prompt templates, forced tool calls and JSON
+output behave the same whichever API the request came through. The job's events carry the
+model's text as generated; reading tool calls out of it is dialect work (server/tool_calls.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class TextTask:
 
     messages: list[dict] | None = None
     prompt: str | None = None
+    prompt_token_ids: list[int] | None = None  # used as given: no template, no special tokens added
     system_prompt: str | None = None
     prompt_template: str | None = None
     tools: list[dict] | None = None
@@ -40,7 +42,6 @@ class TextTask:
 @dataclass
 class PreparedText:
     request: GenerationRequest
-    tool_names: list[str]
 
 
 def _message_text(content: Any) -> str:
@@ -125,15 +126,11 @@ def render_prompt(task: TextTask, version: Version, tokenizer) -> str:
 def prepare(task: TextTask, job: Job, version: Version, tokenizer, max_model_len: int) -> PreparedText:
     """Tokenize the task and check it fits the context, before anything is queued."""
     tools = _tools_for_prompt(task)
-    if task.messages is not None:
-        if not task.messages:
-            raise InvalidInput("messages must not be empty", param="messages")
-        text = render_chat(tokenizer, task.messages, tools)
+    if task.prompt_token_ids is not None:
+        ids = _checked_token_ids(task.prompt_token_ids, len(tokenizer))
+        job.prompt_text = tokenizer.decode(ids)
     else:
-        text = render_prompt(task, version, tokenizer)
-    bos = tokenizer.bos_token
-    add_special = not (bos and text.startswith(bos))
-    ids = tokenizer(text, add_special_tokens=add_special)["input_ids"]
+        job.prompt_text, ids = _prompt_ids(task, version, tokenizer, tools)
     params = task.params
     if len(ids) + params.max_new_tokens > max_model_len:
         if task.max_tokens_clip and len(ids) < max_model_len:
@@ -151,46 +148,55 @@ def prepare(task: TextTask, job: Job, version: Version, tokenizer, max_model_len
 
         request.constraint_factory = constraint_factory(tokenizer, task.response_format, tools,
                                                         task.tool_choice)
-    names = [t.get("function", {}).get("name", "") for t in tools or []]
-    return PreparedText(request=request, tool_names=names)
+    return PreparedText(request=request)
+
+
+def _prompt_ids(task: TextTask, version: Version, tokenizer, tools: list[dict] | None) -> tuple[str, list[int]]:
+    """The prompt's text and token ids."""
+    if task.messages is not None:
+        if not task.messages:
+            raise InvalidInput("messages must not be empty", param="messages")
+        text = render_chat(tokenizer, task.messages, tools)
+    else:
+        text = render_prompt(task, version, tokenizer)
+    bos = tokenizer.bos_token
+    add_special = not (bos and text.startswith(bos))
+    return text, tokenizer(text, add_special_tokens=add_special)["input_ids"]
+
+
+def _checked_token_ids(ids: list[int], vocab_size: int) -> list[int]:
+    if not ids:
+        raise InvalidInput("the prompt is empty", param="prompt")
+    outside = [t for t in ids if not 0 <= t < vocab_size]
+    if outside:
+        raise InvalidInput(f"prompt token ids must be between 0 and {vocab_size - 1}; got {outside[:5]}",
+                           param="prompt")
+    return list(ids)
 
 
 async def run(job: Job, prepared: PreparedText, llm) -> None:
-    """Stream the LLM's deltas into job events; tool calls are parsed out of the text."""
+    """Stream the LLM's deltas into job events, as generated."""
     n = prepared.request.params.n
     job.choices = [Choice(index=i) for i in range(n)]
-    parsers = None
-    if prepared.tool_names:
-        from engine.llm.tools import ToolCallStream
-
-        parsers = [ToolCallStream(prepared.tool_names) for _ in range(n)]
     chunks: list[str] = []
     errors: list[str] = []
     async for delta in llm.generate(prepared.request):
         choice = job.choices[delta.index]
         choice.completion_tokens = delta.completion_tokens
         choice.logprobs.extend(delta.logprobs)
-        text, tool_deltas = delta.text, None
-        if parsers is not None:
-            text, tool_deltas = parsers[delta.index].feed(delta.text)
-            if delta.finish_reason is not None:
-                tail, more = parsers[delta.index].finish()
-                text, tool_deltas = text + tail, (tool_deltas or []) + (more or [])
-        choice.text += text
-        finish = delta.finish_reason
-        if finish is not None:
-            if parsers is not None and parsers[delta.index].calls:
-                choice.tool_calls = parsers[delta.index].calls
-                if finish == "stop":
-                    finish = "tool_calls"
-            choice.finish_reason = finish
+        prompt_logprobs = getattr(delta, "prompt_logprobs", None) or None
+        if prompt_logprobs:
+            choice.prompt_logprobs = prompt_logprobs
+        choice.text += delta.text
+        if delta.finish_reason is not None:
+            choice.finish_reason = delta.finish_reason
             if delta.error:
                 errors.append(delta.error)
-        if delta.index == 0 and text:
-            chunks.append(text)
-        if text or tool_deltas or delta.logprobs or finish:
-            job.emit("output", text, choice=delta.index, tool_calls=tool_deltas or None,
-                     logprobs=delta.logprobs or None, finish_reason=finish)
+        if delta.index == 0 and delta.text:
+            chunks.append(delta.text)
+        if delta.text or delta.logprobs or prompt_logprobs or delta.finish_reason:
+            job.emit("output", delta.text, choice=delta.index, logprobs=delta.logprobs or None,
+                     prompt_logprobs=prompt_logprobs, finish_reason=delta.finish_reason)
     job.output = chunks
     if errors:
         job.finish("failed", errors[0])

@@ -12,7 +12,7 @@ import torch
 from engine.errors import InvalidInput
 from engine.llm.constraints import Constraint
 from engine.llm.grammar import constraint_factory
-from engine.llm.tools import ToolCallStream
+from server.tool_calls import ToolCallStream
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "required": ["unit", "days"],

@@ -1,4 +1,4 @@
-"""Tool-call parsing (engine/llm/tools.py): every format, fed whole and one character at a time."""
+"""Tool-call parsing (server/tool_calls.py): every format, fed whole and one character at a time."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from engine.llm.tools import ToolCallStream, json_value_end
+from server.tool_calls import ToolCallStream, json_value_end
 
 TOOLS = ["get_weather", "search"]
 
