@@ -288,6 +288,36 @@ def test_loglikelihood_request_matches_the_model(live_server, tokenizer, demo_fo
     assert reply["choices"][0]["text"] == tokenizer.decode(ids) and reply["usage"]["completion_tokens"] == 0
 
 
+def test_echo_logprobs_rendering_puts_the_prompt_first():
+    """How prompt logprobs (engine interface: the first delta's `prompt_logprobs`, None for the
+    first prompt token) become legacy logprobs, whole and streamed."""
+    from types import SimpleNamespace
+
+    from engine.jobs import Choice, Event, Job
+    from engine.llm.types import TokenLogprob
+    from server.openai import CompletionShape
+
+    prompt = [TokenLogprob(5, " river", -2.0, [(5, " river", -2.0)]), TokenLogprob(6, " runs", -1.5)]
+    job = Job(model=MODEL, version="0" * 64, kind="text-generation", input={},
+              task=SimpleNamespace(params=SimpleNamespace(n=1)), prompt_text="The river runs")
+    job.choices = [Choice(index=0, text=" on", finish_reason="length", prompt_logprobs=[None, *prompt],
+                          logprobs=[TokenLogprob(7, " on", -0.5)], completion_tokens=1)]
+    version = SimpleNamespace(id="0" * 64)
+    shape = CompletionShape([job], MODEL, version, True, False, echo=True, prompts=[[1, 5, 6]])
+    (choice,) = shape.completion()["choices"]
+    assert choice["text"] == "The river runs on"
+    assert choice["logprobs"]["tokens"] == ["The", " river", " runs", " on"]
+    assert choice["logprobs"]["token_logprobs"] == [None, -2.0, -1.5, -0.5]
+    assert choice["logprobs"]["text_offset"] == [0, 3, 9, 14]
+    assert choice["logprobs"]["top_logprobs"][:2] == [None, {" river": -2.0}]
+    streamed = CompletionShape([job], MODEL, version, True, False, echo=True, prompts=[[1, 5, 6]])
+    first = streamed.event_chunks(0, Event(1, "output", " on", logprobs=job.choices[0].logprobs,
+                                           prompt_logprobs=[None, *prompt], finish_reason="length"))
+    (chunk,) = first
+    assert chunk["choices"][0]["text"] == "The river runs on"
+    assert chunk["choices"][0]["logprobs"]["token_logprobs"] == [None, -2.0, -1.5, -0.5]
+
+
 # ---------------------------------------------------------------------------- errors on unknown routes
 
 
@@ -362,3 +392,26 @@ def test_models_list_every_kind_with_capabilities(oai, live_server):
     assert listed["ember/tiny-i2v"].model_extra["capabilities"] == ["predictions"]
     client = replicate.Client(api_token=API_KEY, base_url=live_server.url)
     assert {m.id for m in client.models.list().results} == set(listed)
+
+
+# ---------------------------------------------------------------------------- other OpenAI clients
+
+
+def test_langchain_structured_output_with_a_nested_model(long_oai):
+    """LangChain's ChatOpenAI: `with_structured_output` forces a tool whose schema has $defs, and
+    streamed tool-call chunks merge into one call."""
+    import langchain_openai
+
+    llm = langchain_openai.ChatOpenAI(model=MODEL, base_url=str(long_oai.base_url), api_key=API_KEY,
+                                      temperature=0, max_tokens=300, max_retries=0)
+    result = llm.with_structured_output(Segment, method="function_calling").invoke("Draw a segment.")
+    assert isinstance(result, Segment)
+    bound = llm.bind_tools([Segment], tool_choice="Segment")
+    merged = None
+    for chunk in bound.stream("Draw a segment."):
+        merged = chunk if merged is None else merged + chunk
+    (call,) = merged.tool_calls
+    assert call["name"] == "Segment" and Segment.model_validate(call["args"])
+    plain = llm.invoke("Say something.")
+    assert isinstance(plain.content, str) and plain.response_metadata["finish_reason"] in ("stop", "length")
+
