@@ -21,9 +21,8 @@ from replicate.exceptions import ReplicateError
 
 from engine.llm.types import SamplingParams
 from tests.conftest import API_KEY
+from tests.test_openai_api import HELLO, MODEL, chat, eos_ban, oai, tokenizer  # noqa: F401 - fixtures
 
-MODEL = "ember/tiny-chat"
-HELLO = [{"role": "user", "content": "Say something."}]
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 SEARCH = {"type": "function", "function": {"name": "search", "strict": True, "parameters": {
     "type": "object", "properties": {"q": {"type": "string", "maxLength": 12}}, "required": ["q"],
@@ -42,11 +41,6 @@ class Segment(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def oai(live_server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{live_server.url}/v1", api_key=API_KEY, max_retries=0)
-
-
-@pytest.fixture(scope="module")
 def long_oai(tmp_path_factory, demo_folders, models_file) -> openai.OpenAI:
     """A server whose tiny chat model has a 2048-token context: a pydantic tool's schema, listed in
     the prompt, takes ~450 of the shared test server's 512."""
@@ -61,22 +55,6 @@ def long_oai(tmp_path_factory, demo_folders, models_file) -> openai.OpenAI:
     server = LiveServer(lambda port: make_settings(home, models, port=port)).start()
     yield openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(demo_folders):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(demo_folders["tiny-chat"])
-
-
-@pytest.fixture(scope="module")
-def eos_ban(tokenizer) -> dict:
-    return {str(tokenizer.eos_token_id): -100}
-
-
-def chat(oai, **kwargs):
-    return oai.chat.completions.create(**{"model": MODEL, "messages": HELLO, "temperature": 0, **kwargs})
 
 
 # ---------------------------------------------------------------------------- forced tools with $defs
