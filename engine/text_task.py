@@ -16,6 +16,7 @@ from engine.errors import InvalidInput, PromptTooLong
 from engine.jobs import Choice, Job
 from engine.llm.types import GenerationRequest, SamplingParams
 from engine.registry import Version
+from engine.tool_choice import chosen_tools
 
 # Used when a tokenizer has no chat template: plain role headers, documented in the README.
 FALLBACK_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}" \
@@ -52,19 +53,6 @@ def _message_text(content: Any) -> str:
     if isinstance(content, list):
         return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
     raise InvalidInput("message content must be a string or a list of content parts", param="messages")
-
-
-def _tools_for_prompt(task: TextTask) -> list[dict] | None:
-    if not task.tools or task.tool_choice == "none":
-        return None
-    if isinstance(task.tool_choice, dict):
-        wanted = task.tool_choice.get("function", {}).get("name")
-        chosen = [t for t in task.tools if t.get("function", {}).get("name") == wanted]
-        if not chosen:
-            raise InvalidInput(f"tool_choice names '{wanted}', which is not among the tools",
-                               param="tool_choice")
-        return chosen
-    return task.tools
 
 
 def _with_decoded_arguments(call: dict) -> dict:
@@ -125,7 +113,7 @@ def render_prompt(task: TextTask, version: Version, tokenizer) -> str:
 
 def prepare(task: TextTask, job: Job, version: Version, tokenizer, max_model_len: int) -> PreparedText:
     """Tokenize the task and check it fits the context, before anything is queued."""
-    tools = _tools_for_prompt(task)
+    tools = chosen_tools(task.tools, task.tool_choice) or None
     if task.prompt_token_ids is not None:
         ids = _checked_token_ids(task.prompt_token_ids, len(tokenizer))
         job.prompt_text = tokenizer.decode(ids)

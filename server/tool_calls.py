@@ -27,6 +27,8 @@ import secrets
 import string
 from dataclasses import dataclass, field
 
+from engine.tool_choice import chosen_tools
+
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 MISTRAL = "[TOOL_CALLS]"
 PYTHON_TAG = "<|python_tag|>"
@@ -439,9 +441,4 @@ def split_tool_calls(text: str, tool_names: list[str]) -> tuple[str, list[dict]]
 
 def offered_tool_names(tools: list[dict] | None, tool_choice) -> list[str]:
     """Names of the tools a model may call under `tool_choice` (none: no calls are parsed)."""
-    if not tools or tool_choice == "none":
-        return []
-    if isinstance(tool_choice, dict):
-        wanted = (tool_choice.get("function") or {}).get("name")
-        return [wanted] if wanted else []
-    return [(t.get("function") or {}).get("name", "") for t in tools]
+    return [(t.get("function") or {}).get("name", "") for t in chosen_tools(tools, tool_choice)]

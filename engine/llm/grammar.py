@@ -32,6 +32,7 @@ import torch
 import xgrammar as xgr
 
 from engine.errors import InvalidInput
+from engine.tool_choice import chosen_tools
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"  # the Hermes format forced calls use
 MAX_WHITESPACE = 20  # per gap between JSON elements: enough for indented output, not for padding
@@ -93,16 +94,6 @@ class GrammarConstraint:
 
     def is_done(self) -> bool:
         return self.matcher.is_terminated()
-
-
-def _chosen_tools(tools: list[dict], tool_choice) -> list[dict]:
-    if isinstance(tool_choice, dict):
-        wanted = (tool_choice.get("function") or {}).get("name")
-        chosen = [t for t in tools if (t.get("function") or {}).get("name") == wanted]
-        if not chosen:
-            raise InvalidInput(f"tool_choice names '{wanted}', which is not among the tools", param="tool_choice")
-        return chosen
-    return tools
 
 
 def _pointer_token(text: str, decode: bool) -> str:
@@ -179,7 +170,7 @@ def _schema_grammar(schema: dict, param: str, **options) -> xgr.Grammar:
 def output_grammar(response_format: dict | None, tools: list[dict] | None, tool_choice) -> xgr.Grammar | None:
     """The grammar the output must follow, or None when it is free."""
     if tools and (tool_choice == "required" or isinstance(tool_choice, dict)):
-        body = _schema_grammar(tool_call_schema(_chosen_tools(tools, tool_choice)), "tools",
+        body = _schema_grammar(tool_call_schema(chosen_tools(tools, tool_choice)), "tools",
                                any_whitespace=False)
         return xgr.Grammar.concat(xgr.Grammar.from_ebnf(f"root ::= {json.dumps(TOOL_CALL_OPEN)}"), body,
                                   xgr.Grammar.from_ebnf(f"root ::= {json.dumps(TOOL_CALL_CLOSE)}"))
