@@ -36,8 +36,8 @@ class Event:
     type: EventType
     data: Any  # output: text chunk or file URL; logs: a line; done: {"status", "error"?}
     choice: int = 0
-    tool_calls: list[dict] | None = None  # OpenAI-shaped tool_call deltas
     logprobs: list | None = None  # engine.llm.types.TokenLogprob for this chunk
+    prompt_logprobs: list | None = None  # per prompt token (None for the first), on a choice's first chunk
     finish_reason: str | None = None
 
 
@@ -47,9 +47,9 @@ class Choice:
 
     index: int
     text: str = ""
-    tool_calls: list[dict] = field(default_factory=list)
     finish_reason: str | None = None
     logprobs: list = field(default_factory=list)
+    prompt_logprobs: list = field(default_factory=list)  # when asked: per prompt token, None for the first
     completion_tokens: int = 0
 
 
@@ -72,6 +72,7 @@ class Job:
     completed_at: str | None = None
     predict_time: float | None = None
     prompt_tokens: int = 0
+    prompt_text: str | None = None  # text jobs: the prompt as the model reads it (token-id prompts decoded)
     choices: list[Choice] = field(default_factory=list)
     webhook: str | None = None
     webhook_events_filter: tuple[str, ...] = ("start", "output", "logs", "completed")

@@ -8,10 +8,12 @@ import jsonschema
 
 from engine.errors import InvalidInput
 from engine.registry import Version
+from engine.sampling_bounds import BOUNDS, non_finite_path
 
 
 def text_input_schema(version: Version) -> dict:
-    """The seed's LLM inputs, with this version's defaults and limits."""
+    """The seed's LLM inputs, with this version's defaults and limits; sampling bounds come from
+    engine/sampling_bounds.py."""
     d = {"max_new_tokens": 128, "min_new_tokens": -1, "temperature": 0.7, "top_p": 1.0, "top_k": 0,
          "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
          "system_prompt": "", "prompt_template": version.prompt_template or "", "min_p": 0.0,
@@ -24,25 +26,16 @@ def text_input_schema(version: Version) -> dict:
         "prompt_template": {"type": "string", "default": d["prompt_template"], "x-order": 2,
                             "description": "Template with {prompt} (and optionally {system_prompt}); "
                                            "empty uses the model's chat template."},
-        "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": max_len,
-                           "default": d["max_new_tokens"], "x-order": 3},
-        "min_new_tokens": {"type": "integer", "minimum": -1, "maximum": max_len,
-                           "default": d["min_new_tokens"], "x-order": 4,
-                           "description": "-1 disables"},
-        "temperature": {"type": "number", "minimum": 0, "maximum": 5, "default": d["temperature"], "x-order": 5},
-        "top_p": {"type": "number", "minimum": 0, "maximum": 1, "default": d["top_p"], "x-order": 6},
-        "top_k": {"type": "integer", "minimum": -1, "default": d["top_k"], "x-order": 7,
-                  "description": "0 or -1 disables"},
-        "min_p": {"type": "number", "minimum": 0, "maximum": 1, "default": d["min_p"], "x-order": 8},
-        "repetition_penalty": {"type": "number", "minimum": 0.01, "maximum": 10,
-                               "default": d["repetition_penalty"], "x-order": 9},
-        "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2,
-                             "default": d["presence_penalty"], "x-order": 10},
-        "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2,
-                              "default": d["frequency_penalty"], "x-order": 11},
+        "max_new_tokens": BOUNDS["max_new_tokens"].json_schema(maximum=max_len, default=d["max_new_tokens"],
+                                                               **{"x-order": 3}),
+        "min_new_tokens": BOUNDS["min_new_tokens"].json_schema(maximum=max_len, default=d["min_new_tokens"],
+                                                               **{"x-order": 4}),
+        **{name: BOUNDS[name].json_schema(default=d[name], **{"x-order": order})
+           for order, name in enumerate(("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                                         "presence_penalty", "frequency_penalty"), start=5)},
         "stop_sequences": {"type": "string", "x-order": 12,
                            "description": "Comma-separated stop sequences"},
-        "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1, "x-order": 13},
+        "seed": BOUNDS["seed"].json_schema(**{"x-order": 13}),
     }
     return {"type": "object", "title": "Input", "required": ["prompt"], "properties": props,
             "additionalProperties": False}
@@ -79,6 +72,9 @@ def validate_input(version: Version, inputs: Any) -> dict:
     """Check inputs against the version's schema; fill defaults. Errors name the field."""
     if not isinstance(inputs, dict):
         raise InvalidInput("input must be an object", param="input")
+    bad_number = non_finite_path(inputs)
+    if bad_number:
+        raise InvalidInput(f"{bad_number}: NaN and Infinity are not valid numbers", param=f"input.{bad_number}")
     schema = input_schema(version)
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(inputs), key=lambda e: list(e.path))

@@ -1,8 +1,9 @@
 """Text jobs: from a dialect-neutral task to prompt tokens, through the LLM engine, to job events.
 
-Every dialect builds a `TextTask` (chat messages or a raw prompt, tools, output format, sampling)
-and the engine runs it here, so prompt templates, tool-call parsing and JSON output behave the
-same whichever API the request came through.
+Every dialect builds a `TextTask` (chat messages, a raw prompt or prompt token ids, tools, output
+format, sampling) and the engine runs it here, so prompt templates, forced tool calls and JSON
+output behave the same whichever API the request came through. The job's events carry the
+model's text as generated; reading tool calls out of it is dialect work (server/tool_calls.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from engine.errors import BadRequest, InvalidInput, PromptTooLong
 from engine.jobs import Choice, Job
 from engine.llm.types import GenerationRequest, SamplingParams
 from engine.registry import Version
+from engine.tool_choice import chosen_tools
 
 # A prompt longer than this many characters per context token cannot fit any tokenizer's context:
 # refuse it before tokenizing (tokenizing 10 MB costs far more memory than the text itself).
@@ -37,6 +39,7 @@ class TextTask:
 
     messages: list[dict] | None = None
     prompt: str | None = None
+    prompt_token_ids: list[int] | None = None  # used as given: no template, no special tokens added
     system_prompt: str | None = None
     prompt_template: str | None = None
     tools: list[dict] | None = None
@@ -53,7 +56,6 @@ class TextTask:
 @dataclass
 class PreparedText:
     request: GenerationRequest
-    tool_names: list[str]
 
 
 def _message_text(content: Any) -> str:
@@ -64,19 +66,6 @@ def _message_text(content: Any) -> str:
     if isinstance(content, list):
         return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
     raise InvalidInput("message content must be a string or a list of content parts", param="messages")
-
-
-def _tools_for_prompt(task: TextTask) -> list[dict] | None:
-    if not task.tools or task.tool_choice == "none":
-        return None
-    if isinstance(task.tool_choice, dict):
-        wanted = task.tool_choice.get("function", {}).get("name")
-        chosen = [t for t in task.tools if t.get("function", {}).get("name") == wanted]
-        if not chosen:
-            raise InvalidInput(f"tool_choice names '{wanted}', which is not among the tools",
-                               param="tool_choice")
-        return chosen
-    return task.tools
 
 
 def _with_decoded_arguments(call: dict) -> dict:
@@ -236,14 +225,21 @@ def _check_chars(task: TextTask, char_limit: int) -> None:
 
 def prepare(task: TextTask, job: Job, version: Version, tokenizer, max_model_len: int) -> PreparedText:
     """Tokenize the task and check it fits the context, before anything is queued."""
-    tools = _tools_for_prompt(task)
-    char_limit = max_model_len * MAX_CHARS_PER_TOKEN
-    _check_chars(task, char_limit)
-    ids = _fit_history(task, version, tokenizer, tools, max_model_len, char_limit)
-    if ids is None:
-        ids = _tokenize(tokenizer, _render(task, version, tokenizer, tools))
-    if not ids:
-        raise BadRequest("the prompt is empty", param="messages" if task.messages is not None else "prompt")
+    tools = chosen_tools(task.tools, task.tool_choice) or None
+    if task.prompt_token_ids is not None:
+        ids = _checked_token_ids(task.prompt_token_ids, len(tokenizer))
+        job.prompt_text = tokenizer.decode(ids)
+    else:
+        char_limit = max_model_len * MAX_CHARS_PER_TOKEN
+        _check_chars(task, char_limit)
+        ids = _fit_history(task, version, tokenizer, tools, max_model_len, char_limit)
+        if ids is None:
+            job.prompt_text = _render(task, version, tokenizer, tools)
+            ids = _tokenize(tokenizer, job.prompt_text)
+        else:
+            job.prompt_text = tokenizer.decode(ids)
+        if not ids:
+            raise BadRequest("the prompt is empty", param="messages" if task.messages is not None else "prompt")
     params = task.params
     if len(ids) + params.max_new_tokens > max_model_len:
         if task.max_tokens_clip and len(ids) < max_model_len:
@@ -264,46 +260,42 @@ def prepare(task: TextTask, job: Job, version: Version, tokenizer, max_model_len
 
         request.constraint_factory = constraint_factory(tokenizer, task.response_format, tools,
                                                         task.tool_choice)
-    names = [t.get("function", {}).get("name", "") for t in tools or []]
-    return PreparedText(request=request, tool_names=names)
+    return PreparedText(request=request)
+
+
+def _checked_token_ids(ids: list[int], vocab_size: int) -> list[int]:
+    if not ids:
+        raise InvalidInput("the prompt is empty", param="prompt")
+    outside = [t for t in ids if not 0 <= t < vocab_size]
+    if outside:
+        raise InvalidInput(f"prompt token ids must be between 0 and {vocab_size - 1}; got {outside[:5]}",
+                           param="prompt")
+    return list(ids)
 
 
 async def run(job: Job, prepared: PreparedText, llm) -> None:
-    """Stream the LLM's deltas into job events; tool calls are parsed out of the text."""
+    """Stream the LLM's deltas into job events, as generated."""
     n = prepared.request.params.n
     job.choices = [Choice(index=i) for i in range(n)]
-    parsers = None
-    if prepared.tool_names:
-        from engine.llm.tools import ToolCallStream
-
-        parsers = [ToolCallStream(prepared.tool_names) for _ in range(n)]
     chunks: list[str] = []
     errors: list[str] = []
     async for delta in llm.generate(prepared.request):
         choice = job.choices[delta.index]
         choice.completion_tokens = delta.completion_tokens
         choice.logprobs.extend(delta.logprobs)
-        text, tool_deltas = delta.text, None
-        if parsers is not None:
-            text, tool_deltas = parsers[delta.index].feed(delta.text)
-            if delta.finish_reason is not None:
-                tail, more = parsers[delta.index].finish()
-                text, tool_deltas = text + tail, (tool_deltas or []) + (more or [])
-        choice.text += text
-        finish = delta.finish_reason
-        if finish is not None:
-            if parsers is not None and parsers[delta.index].calls:
-                choice.tool_calls = parsers[delta.index].calls
-                if finish == "stop":
-                    finish = "tool_calls"
-            choice.finish_reason = finish
+        prompt_logprobs = getattr(delta, "prompt_logprobs", None) or None
+        if prompt_logprobs:
+            choice.prompt_logprobs = prompt_logprobs
+        choice.text += delta.text
+        if delta.finish_reason is not None:
+            choice.finish_reason = delta.finish_reason
             if delta.error:
                 errors.append(delta.error)
-        if delta.index == 0 and text:
-            chunks.append(text)
-        if text or tool_deltas or delta.logprobs or finish:
-            job.emit("output", text, choice=delta.index, tool_calls=tool_deltas or None,
-                     logprobs=delta.logprobs or None, finish_reason=finish)
+        if delta.index == 0 and delta.text:
+            chunks.append(delta.text)
+        if delta.text or delta.logprobs or prompt_logprobs or delta.finish_reason:
+            job.emit("output", delta.text, choice=delta.index, logprobs=delta.logprobs or None,
+                     prompt_logprobs=prompt_logprobs, finish_reason=delta.finish_reason)
     job.output = chunks
     if errors:
         job.finish("failed", errors[0])

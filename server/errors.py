@@ -56,12 +56,22 @@ def error_body(dialect: str, status: int, message: str, *, param: str | None = N
 
 
 def error_response(request: Request, status: int, message: str, *, param: str | None = None,
-                   code: str | None = None, detail: list | None = None,
-                   headers: dict | None = None) -> JSONResponse:
+                   code: str | None = None, detail: list | None = None, headers: dict | None = None,
+                   with_openai: bool = False) -> JSONResponse:
+    """The error in the path's dialect; `with_openai` adds OpenAI's `error` object to it."""
     dialect = dialect_for(request.url.path)
     media = "application/problem+json" if dialect == "replicate" else "application/json"
-    return JSONResponse(error_body(dialect, status, message, param=param, code=code, detail=detail),
-                        status_code=status, headers=headers, media_type=media)
+    body = error_body(dialect, status, message, param=param, code=code, detail=detail)
+    if with_openai and "error" not in body:
+        body.update(error_body("openai", status, message, param=param, code=code))
+    return JSONResponse(body, status_code=status, headers=headers, media_type=media)
+
+
+def _unrouted(request: Request, status: int) -> bool:
+    """A 404/405 from routing itself (no such route or method) under an API prefix."""
+    path = request.url.path
+    routing = status == 405 or (status == 404 and request.scope.get("endpoint") is None)
+    return routing and path.startswith(("/v1/", "/api/v1/"))
 
 
 def _validation_message(errors: list) -> tuple[str, str | None]:
@@ -90,7 +100,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
-        return error_response(request, exc.status_code, message, headers=getattr(exc, "headers", None))
+        unrouted = _unrouted(request, exc.status_code)
+        if unrouted:
+            message = f"{message}: {request.method} {request.url.path}"
+        return error_response(request, exc.status_code, message, headers=getattr(exc, "headers", None),
+                              code="not_found" if exc.status_code == 404 and unrouted else None,
+                              with_openai=unrouted)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):

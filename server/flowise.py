@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 import re
 import uuid
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from engine.errors import BadRequest, JobFailed, ModelNotFound, NotFound
 from engine.jobs import Job
 from engine.llm.types import SamplingParams
 from engine.registry import Flow, Version
+from engine.sampling_bounds import BOUNDS, engine_seed
 from engine.schemas import input_schema, validate_input
 from engine.text_task import TextTask
 from engine.video_task import VideoTask
@@ -51,7 +51,6 @@ SYSTEM_OVERRIDES = ("systemMessage", "systemMessagePrompt")
 FLOW_VARIABLE = re.compile(r"\{\{\s*\$vars\.([A-Za-z0-9_]+)\s*\}\}")
 MAX_FORM_FILES = 8
 MAX_FORM_FIELDS = 64
-MAX_SEED = 2**63 - 1
 
 
 # ------------------------------------------------------------------ request bodies
@@ -230,24 +229,9 @@ def _chatflow(flow: Flow, registry) -> dict:
 
 # ------------------------------------------------------------------ generation settings
 
-def _number(kind: type, minimum: float | None = None, maximum: float | None = None) -> Callable:
-    def convert(value: Any, where: str) -> Any:
-        try:
-            if isinstance(value, bool) or value is None:
-                raise ValueError
-            number = kind(value)
-            if not math.isfinite(float(number)) or (kind is int and number != float(value)):
-                raise ValueError
-        except (TypeError, ValueError, OverflowError):
-            raise BadRequest(f"{where} must be {'an integer' if kind is int else 'a number'}, got {value!r}",
-                             param=where) from None
-        if minimum is not None and number < minimum:
-            raise BadRequest(f"{where} must be >= {minimum}, got {value!r}", param=where)
-        if maximum is not None and number > maximum:
-            raise BadRequest(f"{where} must be <= {maximum}, got {value!r}", param=where)
-        return number
-
-    return convert
+def _bounded(field: str) -> Callable:
+    """A converter that checks a setting against the one authority (engine/sampling_bounds.py)."""
+    return lambda value, where: BOUNDS[field].check(value, where)
 
 
 def _stops(value: Any, where: str) -> list[str]:
@@ -259,25 +243,16 @@ def _stops(value: Any, where: str) -> list[str]:
 
 
 # Flowise's override names and the snake_case names of models.yaml, onto SamplingParams fields.
-SAMPLING = {
-    "temperature": ("temperature", _number(float, 0, 5)),
-    "maxTokens": ("max_new_tokens", _number(int, 1)),
-    "max_tokens": ("max_new_tokens", _number(int, 1)),
-    "maxNewTokens": ("max_new_tokens", _number(int, 1)),
-    "max_new_tokens": ("max_new_tokens", _number(int, 1)),
-    "topP": ("top_p", _number(float, 0, 1)),
-    "top_p": ("top_p", _number(float, 0, 1)),
-    "topK": ("top_k", _number(int, -1)),
-    "top_k": ("top_k", _number(int, -1)),
-    "minP": ("min_p", _number(float, 0, 1)),
-    "min_p": ("min_p", _number(float, 0, 1)),
-    "seed": ("seed", _number(int, 0, MAX_SEED)),
-    "repetitionPenalty": ("repetition_penalty", _number(float, 0.01, 10)),
-    "repetition_penalty": ("repetition_penalty", _number(float, 0.01, 10)),
-    "presencePenalty": ("presence_penalty", _number(float, -2, 2)),
-    "presence_penalty": ("presence_penalty", _number(float, -2, 2)),
-    "frequencyPenalty": ("frequency_penalty", _number(float, -2, 2)),
-    "frequency_penalty": ("frequency_penalty", _number(float, -2, 2)),
+SAMPLING_NAMES = {
+    "temperature": "temperature", "maxTokens": "max_new_tokens", "max_tokens": "max_new_tokens",
+    "maxNewTokens": "max_new_tokens", "max_new_tokens": "max_new_tokens", "topP": "top_p", "top_p": "top_p",
+    "topK": "top_k", "top_k": "top_k", "minP": "min_p", "min_p": "min_p", "seed": "seed",
+    "repetitionPenalty": "repetition_penalty", "repetition_penalty": "repetition_penalty",
+    "presencePenalty": "presence_penalty", "presence_penalty": "presence_penalty",
+    "frequencyPenalty": "frequency_penalty", "frequency_penalty": "frequency_penalty",
+}
+SAMPLING: dict[str, tuple[str, Callable]] = {
+    **{name: (field, _bounded(field)) for name, field in SAMPLING_NAMES.items()},
     "stop": ("stop", _stops),
     "stopSequences": ("stop", _stops),
     "stop_sequences": ("stop", _stops),
@@ -297,6 +272,8 @@ def _sampling(version: Version, flow: Flow, allowed: dict) -> SamplingParams:
             if key in SAMPLING:
                 field, convert = SAMPLING[key]
                 values[field] = convert(value, f"{where}.{key}")
+    values["top_k"] = max(values.get("top_k", 0), 0)
+    values["seed"] = engine_seed(values.get("seed"))
     return SamplingParams(**values)
 
 

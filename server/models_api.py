@@ -3,7 +3,9 @@ management API that moves a version through its lifecycle.
 
 The two dialects share these paths (`/v1/models/owner/name` is an OpenAI model id with a slash and
 a Replicate model), so each object carries the fields of both: OpenAI's `id/object/created/owned_by`
-and Replicate's `owner/name/url/latest_version/...`.
+and Replicate's `owner/name/url/latest_version/...`. Every kind is listed; `kind` and
+`capabilities` (the endpoints that serve it) tell clients which model does what, as vLLM's
+`max_model_len` tells them a text model's context.
 
 Management (all behind auth): `GET .../versions/{id}/status`, and `POST .../versions/{id}/load`
 (`stream=true` for server-sent progress: making room, loading weights or waking, warming up),
@@ -30,6 +32,20 @@ from server.auth import require_identity
 router = APIRouter(dependencies=[Depends(require_identity)])
 
 COG_VERSION = "0.9.0"
+CAPABILITIES = {
+    "text-generation": ["chat.completions", "completions", "responses", "tools", "json_schema", "logprobs",
+                        "predictions"],
+    "image-to-video": ["predictions"],
+    "embedding": ["embeddings"],
+}
+
+
+def capabilities(version: Version) -> dict:
+    """What a version can be asked for, by kind."""
+    doc: dict = {"kind": version.kind, "capabilities": CAPABILITIES.get(version.kind, ["predictions"])}
+    if version.kind == "text-generation" and "max_model_len" in version.limits:
+        doc["max_model_len"] = int(version.limits["max_model_len"])
+    return doc
 
 
 def _epoch(iso: str) -> int:
@@ -66,7 +82,7 @@ def version_object(request: Request, version: Version) -> dict:
         "components": {"schemas": {"Input": input_schema(version), "Output": output_schema(version)}},
     }
     return {"id": version.id, "created_at": version.created_at, "cog_version": COG_VERSION,
-            "openapi_schema": schema, "kind": version.kind, **version_status(request, version)}
+            "openapi_schema": schema, **capabilities(version), **version_status(request, version)}
 
 
 def model_object(request: Request, entry: ModelEntry) -> dict:
@@ -77,14 +93,14 @@ def model_object(request: Request, entry: ModelEntry) -> dict:
         "url": f"{base}/v1/models/{entry.name}", "owner": entry.owner, "name": entry.short_name,
         "description": entry.description, "visibility": "private", "github_url": None,
         "paper_url": None, "license_url": None, "run_count": 0, "cover_image_url": None,
-        "default_example": None, "kind": latest.kind, "latest_version": version_object(request, latest),
+        "default_example": None, **capabilities(latest), "latest_version": version_object(request, latest),
     }
 
 
 def version_as_model(request: Request, version: Version) -> dict:
     """An OpenAI model object for `owner/name:<id>`."""
     return {"id": version.ref, "object": "model", "created": _epoch(version.created_at),
-            "owned_by": version.model.split("/")[0], "root": version.model, "kind": version.kind,
+            "owned_by": version.model.split("/")[0], "root": version.model, **capabilities(version),
             **version_status(request, version)}
 
 

@@ -25,6 +25,7 @@ from engine.errors import BadRequest, EmberError, InvalidInput, NotFound
 from engine.jobs import Event, Job
 from engine.llm.types import SamplingParams
 from engine.registry import Version, parse_keep_alive
+from engine.sampling_bounds import engine_seed
 from engine.schemas import validate_input
 from engine.text_task import TextTask
 from engine.video_task import VideoTask, load_image
@@ -80,7 +81,7 @@ def text_task(inputs: dict) -> TextTask:
         max_new_tokens=inputs["max_new_tokens"], min_new_tokens=min_new, temperature=inputs["temperature"],
         top_p=inputs["top_p"], top_k=max(inputs["top_k"], 0), min_p=inputs["min_p"],
         repetition_penalty=inputs["repetition_penalty"], presence_penalty=inputs["presence_penalty"],
-        frequency_penalty=inputs["frequency_penalty"], seed=inputs.get("seed"), stop=stops)
+        frequency_penalty=inputs["frequency_penalty"], seed=engine_seed(inputs.get("seed")), stop=stops)
     return TextTask(prompt=inputs["prompt"], system_prompt=inputs["system_prompt"] or None,
                     prompt_template=inputs["prompt_template"] or None, params=params)
 

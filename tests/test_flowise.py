@@ -92,10 +92,10 @@ def test_malformed_history_is_400(live_server, history):
     assert "history" in assert_flowise_error(response, 400)["message"]
 
 
-def test_bad_override_is_400_and_disallowed_ones_are_ignored(live_server):
+def test_bad_override_is_422_and_disallowed_ones_are_ignored(live_server):
     response = requests.post(api(live_server, f"/prediction/{CHAT}"), headers=AUTH,
                              json={"question": "hi", "overrideConfig": {"temperature": "hot"}})
-    assert "temperature" in assert_flowise_error(response, 400)["message"]
+    assert "temperature" in assert_flowise_error(response, 422)["message"]
     response = requests.post(api(live_server, f"/prediction/{CHAT}"), headers=AUTH,
                              json={"question": "", "overrideConfig": {"topK": "not allowed, so ignored"}})
     assert "question" in assert_flowise_error(response, 400)["message"]

@@ -11,8 +11,8 @@ import torch
 
 from engine.errors import InvalidInput
 from engine.llm.constraints import Constraint
-from engine.llm.grammar import constraint_factory
-from engine.llm.tools import ToolCallStream
+from engine.llm.grammar import constraint_factory, tool_call_schema
+from server.tool_calls import ToolCallStream, split_tool_calls
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "required": ["unit", "days"],
@@ -95,3 +95,54 @@ def test_free_output_has_no_constraint(tokenizer):
 def test_bad_response_formats_are_input_errors(tokenizer, response_format):
     with pytest.raises(InvalidInput):
         constraint_factory(tokenizer, response_format, None, "auto")
+
+
+def _tool(name: str, parameters: dict) -> dict:
+    return {"type": "function", "function": {"name": name, "parameters": parameters}}
+
+
+# Two tools whose $defs share a name but not a shape, one of them also referring to its own root.
+BOX = _tool("box", {"type": "object", "required": ["item"], "additionalProperties": False,
+                    "properties": {"item": {"$ref": "#/$defs/Item"}},
+                    "$defs": {"Item": {"type": "object", "required": ["w"], "additionalProperties": False,
+                                       "properties": {"w": {"type": "integer", "minimum": 0, "maximum": 9}}}}})
+TAG = _tool("tag", {"type": "object", "required": ["item"], "additionalProperties": False,
+                    "properties": {"item": {"$ref": "#/definitions/Item"},
+                                   "copy": {"$ref": "#/properties/item"}},
+                    "definitions": {"Item": {"enum": ["red", "blue"]}}})
+TREE = _tool("tree", {"type": "object", "required": ["v"], "properties": {
+    "v": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#"}}}})
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_refs_resolve_against_each_tools_own_parameters(tokenizer, seed):
+    factory = constraint_factory(tokenizer, None, [BOX, TAG], "required")
+    text = walk(tokenizer, factory, seed)
+    content, (call,) = split_tool_calls(text, ["box", "tag"])
+    assert content == ""
+    tool = {"box": BOX, "tag": TAG}[call["function"]["name"]]
+    jsonschema.validate(json.loads(call["function"]["arguments"]), tool["function"]["parameters"])
+
+
+def test_call_schema_renames_defs_per_tool_and_keeps_root_refs(tokenizer):
+    schema = tool_call_schema([BOX, TAG, TREE])
+    assert set(schema["$defs"]) == {"tool0.Item", "tool1.Item", "tool1", "tool2"}
+    box, tag, tree = (v["properties"]["arguments"] for v in schema["anyOf"])
+    assert box["properties"]["item"] == {"$ref": "#/$defs/tool0.Item"} and "$defs" not in box
+    assert tag["properties"]["copy"] == {"$ref": "#/$defs/tool1/properties/item"}
+    assert tree["properties"]["kids"]["items"] == {"$ref": "#/$defs/tool2"}
+    assert constraint_factory(tokenizer, None, [BOX, TAG, TREE], "required") is not None
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_strings_never_hold_raw_control_characters(tokenizer, seed):
+    """xgrammar's rule for bounded strings allows bytes below 0x20; the constraint refuses them,
+    even when the model prefers them."""
+    control = [i for i in range(len(tokenizer)) if any(ord(c) < 0x20 and c not in "\n\r"
+                                                       for c in tokenizer.decode([i]))]
+    assert control
+    schema = {"type": "object", "required": ["s", "p"], "additionalProperties": False,
+              "properties": {"s": {"type": "string", "maxLength": 6}, "p": {"type": "string", "pattern": "^.{1,4}$"}}}
+    factory = constraint_factory(tokenizer, {"type": "json_schema", "json_schema": {"schema": schema}}, None, "auto")
+    text = walk(tokenizer, factory, seed, bias={i: 8.0 for i in control})
+    jsonschema.validate(json.loads(text, strict=True), schema)

@@ -1,4 +1,4 @@
-"""Tool-call parsing (engine/llm/tools.py): every format, fed whole and one character at a time."""
+"""Tool-call parsing (server/tool_calls.py): every format, fed whole and one character at a time."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from engine.llm.tools import ToolCallStream, json_value_end
+from server.tool_calls import ToolCallStream, json_value_end, merge_deltas, offered_tool_names, split_tool_calls
 
 TOOLS = ["get_weather", "search"]
 
@@ -126,3 +126,43 @@ def test_possible_marker_prefix_is_held_back_then_released(tail):
 def test_json_value_end():
     assert json_value_end('{"a": "}"} x', 0) == 10
     assert json_value_end('[1, {"b": [2]}', 0) is None
+
+
+def test_a_long_argument_streamed_token_by_token_is_read_in_linear_work():
+    """A 14 KB argument fed one character at a time: every format reads each character a bounded
+    number of times (the parser runs on the event loop, so rescanning blocks other streams)."""
+    value = "x" * 14_000
+    texts = {
+        "hermes": '<tool_call>{"name": "search", "arguments": {"q": "%s"}}</tool_call>' % value,
+        "mistral": '[TOOL_CALLS] [{"name": "search", "arguments": {"q": "%s"}}]' % value,
+        "named": '[TOOL_CALLS]search[ARGS]{"q": "%s"}' % value,
+        "json": '{"name": "search", "parameters": {"q": "%s"}}' % value,
+    }
+    for fmt, text in texts.items():
+        parser = ToolCallStream(TOOLS)
+        for ch in text:
+            parser.feed(ch)
+        parser.finish()
+        (call,) = parser.calls
+        assert json.loads(call["function"]["arguments"]) == {"q": value}, fmt
+        assert parser.scanned <= 2 * len(text), (fmt, parser.scanned)
+
+
+def test_one_delta_per_call_index_per_feed():
+    parser = ToolCallStream(TOOLS)
+    _, deltas = parser.feed('<tool_call>{"name": "search", "arguments": {"q": "a')
+    assert [d["index"] for d in deltas] == [0, 0]
+    (merged_delta,) = merge_deltas(deltas)
+    assert merged_delta["id"].startswith("call_") and merged_delta["function"] == {"name": "search",
+                                                                                   "arguments": '{"q": "a'}
+    _, more = parser.feed('"}}</tool_call><tool_call>{"name": "get_weather", "arguments": {}}</tool_call>')
+    assert [d["index"] for d in merge_deltas(more)] == [0, 1]
+
+
+def test_split_tool_calls_and_offered_names():
+    content, calls = split_tool_calls('Hi <tool_call>{"name": "search", "arguments": {"q": "z"}}</tool_call>',
+                                      TOOLS)
+    assert content == "Hi" and calls[0]["function"] == {"name": "search", "arguments": '{"q": "z"}'}
+    tools = [{"type": "function", "function": {"name": n}} for n in TOOLS]
+    assert offered_tool_names(tools, "auto") == TOOLS and offered_tool_names(tools, "none") == []
+    assert offered_tool_names(tools, {"type": "function", "function": {"name": "search"}}) == ["search"]

@@ -10,7 +10,15 @@ engine/llm/constraints.py), or None when nothing is constrained.
   soon as the value is complete (no stop token needed).
 - `tool_choice: "required"` or a named function: exactly one
   `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` whose arguments match that tool's
-  parameter schema; engine/llm/tools.py then parses it like any generated call.
+  parameter schema; the server's tool-call parser then reads it like any generated call.
+  Each tool's `$defs` (and `definitions`) move to the root of the call schema, renamed per tool,
+  and its local `$ref`s are rewritten to match, so refs resolve against the parameters schema's
+  own root however the parameters are nested in the call.
+- Every grammar also refuses tokens that contain raw control characters (bytes below 0x20 other
+  than newline and carriage return). xgrammar's string rules for `maxLength`/`pattern` schemas let
+  them through, and a raw control character inside a string is not JSON (RFC 8259): strict
+  parsers (`json.loads(strict=True)`, `JSON.parse`) reject it. Newlines stay allowed because JSON
+  whitespace needs them; the grammar already keeps them out of strings.
 """
 
 from __future__ import annotations
@@ -24,13 +32,16 @@ import torch
 import xgrammar as xgr
 
 from engine.errors import InvalidInput
-from engine.llm.tools import HERMES_CLOSE, HERMES_OPEN
+from engine.tool_choice import chosen_tools
 
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"  # the Hermes format forced calls use
 MAX_WHITESPACE = 20  # per gap between JSON elements: enough for indented output, not for padding
 _BIT_SHIFTS = torch.arange(32, dtype=torch.int32)
 
 _compilers: "weakref.WeakKeyDictionary[object, xgr.GrammarCompiler]" = weakref.WeakKeyDictionary()
 _compilers_lock = threading.Lock()
+_json_safe: "weakref.WeakKeyDictionary[object, torch.Tensor]" = weakref.WeakKeyDictionary()
+ALLOWED_CONTROL_BYTES = frozenset(b"\n\r")
 
 
 def compiler_for(tokenizer) -> xgr.GrammarCompiler:
@@ -44,13 +55,25 @@ def compiler_for(tokenizer) -> xgr.GrammarCompiler:
         return compiler
 
 
+def json_safe_tokens(tokenizer, compiled: xgr.CompiledGrammar) -> torch.Tensor:
+    """Per token id: True unless its bytes hold a control character JSON output must not contain."""
+    with _compilers_lock:
+        safe = _json_safe.get(tokenizer)
+        if safe is None:
+            safe = torch.tensor([not any(b < 0x20 and b not in ALLOWED_CONTROL_BYTES for b in token)
+                                 for token in compiled.tokenizer_info.decoded_vocab], dtype=torch.bool)
+            _json_safe[tokenizer] = safe
+        return safe
+
+
 class GrammarConstraint:
     """One choice's position in a compiled grammar."""
 
-    def __init__(self, compiled: xgr.CompiledGrammar):
+    def __init__(self, compiled: xgr.CompiledGrammar, safe_tokens: torch.Tensor | None = None):
         self.matcher = xgr.GrammarMatcher(compiled, terminate_without_stop_token=True)
         self.grammar_vocab = compiled.tokenizer_info.vocab_size
         self.bitmask = xgr.allocate_token_bitmask(1, self.grammar_vocab)
+        self.safe_tokens = safe_tokens
 
     def allowed_token_mask(self, vocab_size: int) -> torch.Tensor | None:
         if self.matcher.is_terminated():
@@ -61,6 +84,8 @@ class GrammarConstraint:
         mask = torch.zeros(vocab_size, dtype=torch.bool)
         n = min(vocab_size, self.grammar_vocab)
         mask[:n] = allowed[:n]
+        if self.safe_tokens is not None:
+            mask[:n] &= self.safe_tokens[:n]
         return mask
 
     def accept(self, token_id: int) -> None:
@@ -71,28 +96,67 @@ class GrammarConstraint:
         return self.matcher.is_terminated()
 
 
-def _chosen_tools(tools: list[dict], tool_choice) -> list[dict]:
-    if isinstance(tool_choice, dict):
-        wanted = (tool_choice.get("function") or {}).get("name")
-        chosen = [t for t in tools if (t.get("function") or {}).get("name") == wanted]
-        if not chosen:
-            raise InvalidInput(f"tool_choice names '{wanted}', which is not among the tools", param="tool_choice")
-        return chosen
-    return tools
+def _pointer_token(text: str, decode: bool) -> str:
+    """JSON-pointer escaping of one reference token (RFC 6901)."""
+    if decode:
+        return text.replace("~1", "/").replace("~0", "~")
+    return text.replace("~", "~0").replace("/", "~1")
+
+
+def _rebased_ref(ref: str, tag: str) -> tuple[str, bool]:
+    """`ref` of a tool's parameters schema, pointing into the call schema's root `$defs`.
+    Returns (new ref, whether it points at the parameters schema itself rather than a def)."""
+    pointer = ref[1:]
+    for section in ("/$defs/", "/definitions/"):
+        if pointer.startswith(section):
+            name, slash, rest = pointer[len(section):].partition("/")
+            renamed = _pointer_token(f"{tag}.{_pointer_token(name, decode=True)}", decode=False)
+            return f"#/$defs/{renamed}{slash}{rest}", False
+    return f"#/$defs/{tag}{pointer}", True
+
+
+def _rebased(node, tag: str, into_root: list[bool]):
+    if isinstance(node, list):
+        return [_rebased(item, tag, into_root) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for key, value in node.items():
+        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            out[key], points_at_root = _rebased_ref(value, tag)
+            into_root[0] = into_root[0] or points_at_root
+        else:
+            out[key] = _rebased(value, tag, into_root)
+    return out
+
+
+def _hoisted_parameters(parameters: dict, tag: str, defs: dict) -> dict:
+    """The parameters schema with its `$defs`/`definitions` moved into `defs` under `tag`."""
+    own = {k: v for k, v in parameters.items() if k not in ("$defs", "definitions", "$schema", "$id")}
+    into_root = [False]
+    for section in ("definitions", "$defs"):
+        for name, schema in (parameters.get(section) or {}).items():
+            defs[f"{tag}.{name}"] = _rebased(schema, tag, into_root)
+    rebased = _rebased(own, tag, into_root)
+    if into_root[0]:
+        defs[tag] = rebased
+    return rebased
 
 
 def tool_call_schema(tools: list[dict]) -> dict:
     """JSON schema of one call `{"name": ..., "arguments": {...}}` to any of `tools`."""
-    variants = []
-    for tool in tools:
+    variants, defs = [], {}
+    for index, tool in enumerate(tools):
         function = tool.get("function") or {}
+        parameters = function.get("parameters") or {"type": "object", "properties": {}}
         variants.append({
             "type": "object",
             "properties": {"name": {"const": function.get("name")},
-                           "arguments": function.get("parameters") or {"type": "object", "properties": {}}},
+                           "arguments": _hoisted_parameters(parameters, f"tool{index}", defs)},
             "required": ["name", "arguments"],
         })
-    return variants[0] if len(variants) == 1 else {"anyOf": variants}
+    schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
+    return {**schema, "$defs": defs} if defs else schema
 
 
 def _schema_grammar(schema: dict, param: str, **options) -> xgr.Grammar:
@@ -106,10 +170,10 @@ def _schema_grammar(schema: dict, param: str, **options) -> xgr.Grammar:
 def output_grammar(response_format: dict | None, tools: list[dict] | None, tool_choice) -> xgr.Grammar | None:
     """The grammar the output must follow, or None when it is free."""
     if tools and (tool_choice == "required" or isinstance(tool_choice, dict)):
-        body = _schema_grammar(tool_call_schema(_chosen_tools(tools, tool_choice)), "tools",
+        body = _schema_grammar(tool_call_schema(chosen_tools(tools, tool_choice)), "tools",
                                any_whitespace=False)
-        return xgr.Grammar.concat(xgr.Grammar.from_ebnf(f"root ::= {json.dumps(HERMES_OPEN)}"), body,
-                                  xgr.Grammar.from_ebnf(f"root ::= {json.dumps(HERMES_CLOSE)}"))
+        return xgr.Grammar.concat(xgr.Grammar.from_ebnf(f"root ::= {json.dumps(TOOL_CALL_OPEN)}"), body,
+                                  xgr.Grammar.from_ebnf(f"root ::= {json.dumps(TOOL_CALL_CLOSE)}"))
     kind = (response_format or {}).get("type", "text")
     if kind == "text":
         return None
@@ -133,4 +197,5 @@ def constraint_factory(tokenizer, response_format: dict | None, tools: list[dict
     if grammar is None:
         return None
     compiled = compiler_for(tokenizer).compile_grammar(grammar)
-    return lambda index: GrammarConstraint(compiled)
+    safe = json_safe_tokens(tokenizer, compiled)
+    return lambda index: GrammarConstraint(compiled, safe)

@@ -12,6 +12,11 @@
 Text that might be the start of a marker is held back, so raw markup never reaches the content,
 streamed or not. A `<tool_call>` block whose JSON cannot be read is not a call; it is given back
 as content verbatim rather than dropped.
+
+The parser runs on the event loop for every streamed token, so each character is read a bounded
+number of times however the text is split: JSON values are scanned by `JsonScan`, which resumes
+where it stopped, and marker searches resume where the previous one ended. `scanned` counts the
+characters the JSON scanners have read (linear in the output; the tests check it).
 """
 
 from __future__ import annotations
@@ -20,11 +25,15 @@ import json
 import re
 import secrets
 import string
+from dataclasses import dataclass, field
+
+from engine.tool_choice import chosen_tools
 
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 MISTRAL = "[TOOL_CALLS]"
 PYTHON_TAG = "<|python_tag|>"
 MARKERS = (HERMES_OPEN, MISTRAL)
+HEAD_LIMIT = 256  # a call's `{"name": ..., "arguments": ` head longer than this is parsed whole at its end
 
 _HERMES_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
 _MISTRAL_NAMED = re.compile(r'\s*([\w.\-]+)\s*(?:\[CALL_ID\]\s*([\w\-]+)\s*)?\[ARGS\]\s*')
@@ -36,28 +45,54 @@ def new_call_id() -> str:
     return "call_" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(24))
 
 
+@dataclass
+class JsonScan:
+    """Finds where the JSON object or array starting at `text[start]` ends. The text may only
+    grow between calls; each call reads only the characters added since the last one."""
+
+    start: int
+    position: int = -1
+    depth: int = 0
+    in_string: bool = False
+    escaped: bool = False
+    end: int | None = None
+    scanned: int = 0
+
+    def advance(self, text: str) -> int | None:
+        """End index (exclusive) of the value, or None while it is still open."""
+        if self.end is not None:
+            return self.end
+        begin = max(self.position, self.start)
+        depth, in_string, escaped = self.depth, self.in_string, self.escaped
+        for i in range(begin, len(text)):
+            ch = text[i]
+            if in_string:
+                if escaped:
+                    escaped = False
+                elif ch == "\\":
+                    escaped = True
+                elif ch == '"':
+                    in_string = False
+            elif ch == '"':
+                in_string = True
+            elif ch in "{[":
+                depth += 1
+            elif ch in "}]":
+                depth -= 1
+                if depth == 0:
+                    self.end = i + 1
+                    break
+        stop = self.end if self.end is not None else len(text)
+        self.scanned += max(0, stop - begin)
+        self.position = stop
+        self.depth, self.in_string, self.escaped = depth, in_string, escaped
+        return self.end
+
+
 def json_value_end(text: str, start: int) -> int | None:
     """End index (exclusive) of the JSON object or array starting at `text[start]`, or None
     while it is still open."""
-    depth, in_string, escaped = 0, False, False
-    for i in range(start, len(text)):
-        ch = text[i]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "{[":
-            depth += 1
-        elif ch in "}]":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-    return None
+    return JsonScan(start).advance(text)
 
 
 def _partial_marker_len(text: str, markers: tuple[str, ...]) -> int:
@@ -91,22 +126,69 @@ def call_from_object(obj, tool_names: set[str] | None = None) -> tuple[str, str,
     return name, _arguments_text(args), call_id
 
 
+def merge_deltas(deltas: list[dict]) -> list[dict]:
+    """At most one delta per call index, in order: clients (openai-python's stream helper among
+    them) assemble calls by index, and two entries with one index in a chunk become two calls."""
+    merged: dict[int, dict] = {}
+    for delta in deltas:
+        into = merged.get(delta["index"])
+        if into is None:
+            merged[delta["index"]] = {**delta, "function": dict(delta.get("function") or {})}
+            continue
+        for key in ("id", "type"):
+            if key in delta:
+                into[key] = delta[key]
+        function = delta.get("function") or {}
+        if "name" in function:
+            into["function"]["name"] = function["name"]
+        if function.get("arguments"):
+            into["function"]["arguments"] = into["function"].get("arguments", "") + function["arguments"]
+    return list(merged.values())
+
+
+@dataclass
+class _Call:
+    id: str
+    name: str
+    argument_pieces: list[str] = field(default_factory=list)
+
+    def message(self) -> dict:
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.name, "arguments": "".join(self.argument_pieces)}}
+
+
 class ToolCallStream:
     """Feed model text as it arrives; get back (content, tool_call deltas) safe to emit.
 
     Deltas are OpenAI streaming tool-call deltas: the first for a call carries index, id, type
-    and the function name (arguments ""), the following ones argument pieces. `calls` holds the
-    complete calls in OpenAI's message shape; their arguments are exactly the streamed pieces.
+    and the function name (arguments ""), the following ones argument pieces (`merge_deltas`
+    folds the deltas of one feed into one per call). `calls` holds the complete calls in
+    OpenAI's message shape; their arguments are exactly the streamed pieces.
     """
 
     def __init__(self, tool_names: list[str]):
         self.tool_names = {n for n in tool_names if n}
-        self.calls: list[dict] = []
+        self._calls: list[_Call] = []
         self._buffer = ""
         self._mode = "start"  # start | text | hermes | mistral | json
         self._pending_space = ""  # trailing whitespace of the content, kept until text follows
-        self._args_start: int | None = None  # hermes: where the streamed arguments begin
+        self._scan: JsonScan | None = None  # the JSON value being read in mistral/json mode
+        self._named: re.Match | None = None  # mistral: a `name[ARGS]` head already read
+        self._close_from = 0  # hermes: where to resume looking for the closing tag
+        self._args: JsonScan | None = None  # hermes: the streamed arguments object
         self._args_sent = 0
+        self._streaming = True  # hermes: False once the call can only be parsed whole
+        self._scanned_done = 0
+
+    @property
+    def calls(self) -> list[dict]:
+        return [call.message() for call in self._calls]
+
+    @property
+    def scanned(self) -> int:
+        """Characters the JSON scanners have read so far."""
+        live = sum(s.scanned for s in (self._scan, self._args) if s is not None)
+        return self._scanned_done + live
 
     def feed(self, text: str) -> tuple[str, list[dict]]:
         self._buffer += text
@@ -114,7 +196,7 @@ class ToolCallStream:
 
     def finish(self) -> tuple[str, list[dict]]:
         content, deltas = self._drain(final=True)
-        if not self.calls:
+        if not self._calls:
             content += self._pending_space
         self._buffer, self._pending_space = "", ""
         return content, deltas
@@ -126,12 +208,16 @@ class ToolCallStream:
         text = self._pending_space + text
         body = text.rstrip()
         self._pending_space = text[len(body):]
-        if final and not self.calls:
+        if final and not self._calls:
             body, self._pending_space = text, ""
         return body
 
     def _marker_text(self) -> str:
         return MISTRAL if self._mode == "mistral" else ""
+
+    def _retire(self, scan: JsonScan | None) -> None:
+        if scan is not None:
+            self._scanned_done += scan.scanned
 
     # ------------------------------------------------------------------ dispatch
 
@@ -173,7 +259,8 @@ class ToolCallStream:
             before = self._content(self._buffer[:index])
             self._buffer = self._buffer[index + len(marker):]
             self._mode = "hermes" if marker == HERMES_OPEN else "mistral"
-            self._args_start, self._args_sent = None, 0
+            self._close_from, self._args, self._args_sent, self._streaming = 0, None, 0, True
+            self._scan, self._named = None, None
             self._pending_space = ""
             return before, []
         keep = 0 if final else _partial_marker_len(self._buffer, MARKERS)
@@ -185,41 +272,53 @@ class ToolCallStream:
     # ------------------------------------------------------------------ hermes
 
     def _step_hermes(self, final: bool):
-        close = self._buffer.find(HERMES_CLOSE)
+        inner = self._buffer
+        close = inner.find(HERMES_CLOSE, self._close_from)
+        if close < 0:
+            self._close_from = max(self._close_from, len(inner) - len(HERMES_CLOSE) + 1)
         if close >= 0 or final:
-            inner = self._buffer[:close] if close >= 0 else self._buffer
-            self._buffer = self._buffer[close + len(HERMES_CLOSE):] if close >= 0 else ""
+            block = inner[:close] if close >= 0 else inner
+            self._buffer = inner[close + len(HERMES_CLOSE):] if close >= 0 else ""
             self._mode = "text"
-            return self._end_hermes(inner, HERMES_CLOSE if close >= 0 else None)
-        deltas = self._stream_hermes(self._buffer)
+            return self._end_hermes(block, HERMES_CLOSE if close >= 0 else None)
+        deltas = self._stream_hermes(inner)
         return ("", deltas) if deltas else None
 
     def _stream_hermes(self, inner: str) -> list[dict]:
         """Deltas for a call still being generated: the name once it is known, then the
         arguments object as far as it has come."""
         deltas = []
-        if self._args_start is None:
+        if self._args is None:
+            if not self._streaming:
+                return []
             head = _HERMES_HEAD.match(inner)
-            if head is None or head.end() >= len(inner) or inner[head.end()] != "{":
+            if head is None or head.end() >= len(inner):
+                if head is None and len(inner) > HEAD_LIMIT:
+                    self._streaming = False
+                return []
+            if inner[head.end()] != "{":
+                self._streaming = False  # e.g. string-encoded arguments: parsed whole at the end
                 return []
             try:
                 name = json.loads(f'"{head.group(1)}"')
             except json.JSONDecodeError:
+                self._streaming = False
                 return []
-            self._args_start = head.end()
+            self._args = JsonScan(head.end())
             deltas.append(self._open_call(name, None))
-        end = json_value_end(inner, self._args_start)
+        end = self._args.advance(inner)
         upto = end if end is not None else len(inner)
-        piece = inner[self._args_start + self._args_sent:upto]
+        piece = inner[self._args.start + self._args_sent:upto]
         if piece:
             self._args_sent += len(piece)
             deltas.append(self._add_arguments(piece))
         return deltas
 
     def _end_hermes(self, inner: str, close: str | None) -> tuple[str, list[dict]]:
-        if self._args_start is not None:
+        if self._args is not None:
             deltas = self._stream_hermes(inner)
-            self._args_start = None
+            self._retire(self._args)
+            self._args = None
             return "", deltas
         try:
             call = call_from_object(json.loads(inner))
@@ -231,6 +330,18 @@ class ToolCallStream:
 
     # ------------------------------------------------------------------ mistral
 
+    def _value_end(self, text: str, offset: int) -> int | None:
+        if self._scan is None or self._scan.start != offset:
+            self._retire(self._scan)
+            self._scan = JsonScan(offset)
+        return self._scan.advance(text)
+
+    def _consumed(self, rest: str, mode: str) -> None:
+        """The value read so far is done: continue with `rest` in `mode`."""
+        self._retire(self._scan)
+        self._scan, self._named = None, None
+        self._buffer, self._mode = rest, mode
+
     def _step_mistral(self, final: bool):
         text = self._buffer
         stripped = text.lstrip()
@@ -238,7 +349,7 @@ class ToolCallStream:
             return None
         offset = len(text) - len(stripped)
         if stripped[0] == "[":
-            end = json_value_end(text, offset)
+            end = self._value_end(text, offset)
             if end is None:
                 return self._give_back(final) if final else None
             try:
@@ -248,27 +359,30 @@ class ToolCallStream:
             calls = [call_from_object(o) for o in items] if isinstance(items, list) else [None]
             if not calls or None in calls:
                 return self._give_back(final)
-            self._buffer, self._mode = text[end:], "text"
+            self._consumed(text[end:], "text")
             return "", [d for call in calls for d in self._whole_call(*call)]
-        named = _MISTRAL_NAMED.match(text)
+        named = self._named or _MISTRAL_NAMED.match(text)
         if named is None:
             return None if not final and _MISTRAL_NAMED_SO_FAR.fullmatch(text) else self._give_back(final)
         if named.end() >= len(text):
             return self._give_back(final) if final else None
-        end = json_value_end(text, named.end()) if text[named.end()] in "{[" else None
+        if text[named.end()] not in "{[":
+            return self._give_back(final)
+        self._named = named
+        end = self._value_end(text, named.end())
         if end is None:
-            return None if (text[named.end()] in "{[" and not final) else self._give_back(final)
+            return self._give_back(final) if final else None
         try:
             args = json.loads(text[named.end():end])
         except json.JSONDecodeError:
             return self._give_back(final)
-        self._buffer, self._mode = text[end:], "text"
+        self._consumed(text[end:], "text")
         return "", self._whole_call(named.group(1), _arguments_text(args), named.group(2))
 
     def _give_back(self, final: bool):
         """Not a call after all: the marker and what followed are content."""
         text = self._marker_text() + self._buffer
-        self._buffer, self._mode = "", "text"
+        self._consumed("", "text")
         return self._content(text, final=final), []
 
     # ------------------------------------------------------------------ whole-output JSON
@@ -280,11 +394,11 @@ class ToolCallStream:
             return None
         offset = len(text) - len(stripped)
         if stripped[0] not in "{[":
-            if not self.calls:
+            if not self._calls:
                 return self._give_back(final)
-            self._buffer, self._mode = stripped, "text"
+            self._consumed(stripped, "text")
             return "", []
-        end = json_value_end(text, offset)
+        end = self._value_end(text, offset)
         if end is None:
             return self._give_back(final) if final else None
         try:
@@ -295,22 +409,36 @@ class ToolCallStream:
         calls = [call_from_object(o, self.tool_names) for o in items]
         if not calls or None in calls:
             return self._give_back(final)
-        self._buffer = text[end:]
+        self._consumed(text[end:], "json")
         return "", [d for call in calls for d in self._whole_call(*call)]
 
     # ------------------------------------------------------------------ deltas
 
     def _open_call(self, name: str, call_id: str | None) -> dict:
-        call = {"id": call_id or new_call_id(), "type": "function", "function": {"name": name, "arguments": ""}}
-        self.calls.append(call)
-        return {"index": len(self.calls) - 1, "id": call["id"], "type": "function",
+        call = _Call(id=call_id or new_call_id(), name=name)
+        self._calls.append(call)
+        return {"index": len(self._calls) - 1, "id": call.id, "type": "function",
                 "function": {"name": name, "arguments": ""}}
 
     def _add_arguments(self, piece: str) -> dict:
-        self.calls[-1]["function"]["arguments"] += piece
-        return {"index": len(self.calls) - 1, "function": {"arguments": piece}}
+        self._calls[-1].argument_pieces.append(piece)
+        return {"index": len(self._calls) - 1, "function": {"arguments": piece}}
 
     def _whole_call(self, name: str, arguments: str, call_id: str | None = None) -> list[dict]:
         delta = self._open_call(name, call_id)
-        delta["function"]["arguments"] = self.calls[-1]["function"]["arguments"] = arguments
+        self._calls[-1].argument_pieces.append(arguments)
+        delta["function"]["arguments"] = arguments
         return [delta]
+
+
+def split_tool_calls(text: str, tool_names: list[str]) -> tuple[str, list[dict]]:
+    """A whole output's content and tool calls (OpenAI message shape)."""
+    parser = ToolCallStream(tool_names)
+    content, _ = parser.feed(text)
+    tail, _ = parser.finish()
+    return content + tail, parser.calls
+
+
+def offered_tool_names(tools: list[dict] | None, tool_choice) -> list[str]:
+    """Names of the tools a model may call under `tool_choice` (none: no calls are parsed)."""
+    return [(t.get("function") or {}).get("name", "") for t in chosen_tools(tools, tool_choice)]
