@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 from dataclasses import dataclass
 
@@ -47,7 +48,9 @@ class UnusableJSON(ValueError):
 
 
 class NonFinite(UnusableJSON):
-    pass
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class TooDeep(UnusableJSON):
@@ -58,11 +61,37 @@ def _refuse_constant(name: str):
     raise NonFinite(f"{name} is not a valid JSON number; send finite numbers only")
 
 
+def _non_finite_path(value, path: str = "") -> str | None:
+    """Dotted path of the first NaN/Infinity in a parsed JSON value (the innermost field name
+    is what clients recognise, e.g. `input.top_p`)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path or None
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in children:
+        found = _non_finite_path(child, f"{path}.{key}" if path else str(key))
+        if found:
+            return found
+    return None
+
+
+def _named_non_finite(text: str | bytes, error: NonFinite) -> NonFinite:
+    """The same refusal, naming the field that holds the non-finite number."""
+    try:
+        path = _non_finite_path(json.loads(text))
+    except (ValueError, RecursionError):
+        return error
+    if path is None:
+        return error
+    return NonFinite(f"{path}: {error}", param=path.rsplit(".", 1)[-1])
+
+
 def strict_loads(text: str | bytes, max_depth: int = 64):
     """json.loads that refuses NaN/Infinity and nesting deeper than `max_depth` (UnusableJSON);
     other syntax errors are plain ValueErrors."""
     try:
         value = json.loads(text, parse_constant=_refuse_constant)
+    except NonFinite as error:
+        raise _named_non_finite(text, error) from None
     except RecursionError:
         raise TooDeep(f"the JSON body is nested too deeply (limit {max_depth} levels)") from None
     stack = [(value, 1)]
@@ -85,9 +114,9 @@ class Limits:
 
 
 class Refusal(Exception):
-    def __init__(self, status: int, message: str, code: str):
+    def __init__(self, status: int, message: str, code: str, param: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.code = status, message, code
+        self.status, self.message, self.code, self.param = status, message, code, param
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -184,12 +213,14 @@ class RequestGuard:
                 try:
                     strict_loads(body, self.limits.max_json_depth)
                 except UnusableJSON as exc:
-                    validation = isinstance(exc, NonFinite) and errors.dialect_for(scope["path"]) != "flowise"
-                    raise Refusal(422 if validation else 400, str(exc), "invalid_json") from None
+                    validation = isinstance(exc, NonFinite)
+                    raise Refusal(422 if validation else 400, str(exc), "invalid_json",
+                                  param=getattr(exc, "param", None)) from None
                 except ValueError:
                     pass  # not JSON at all: the route says so in its own words
         except Refusal as refusal:
-            await self._refuse(scope, receive, send, refusal.status, refusal.message, refusal.code)
+            await self._refuse(scope, receive, send, refusal.status, refusal.message, refusal.code,
+                               refusal.param)
             return
         del chunks
         replayed = False
@@ -234,9 +265,10 @@ class RequestGuard:
         await self.app(scope, counted, guarded_send)
 
     @staticmethod
-    async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, message: str, code: str) -> None:
+    async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, message: str, code: str,
+                      param: str | None = None) -> None:
         headers = {"Connection": "close"}
         if status == 401:
             headers["WWW-Authenticate"] = "Bearer"
-        response = errors.error_response(Request(scope), status, message, code=code, headers=headers)
+        response = errors.error_response(Request(scope), status, message, param=param, code=code, headers=headers)
         await response(scope, receive, send)

@@ -183,7 +183,7 @@ def test_non_finite_numbers_are_refused_in_every_dialect(client, constant):
     assert video.status_code == 422
     flowise = post_raw(client, "/api/v1/prediction/tiny-chat-flow",
                        f'{{"question": "hi", "overrideConfig": {{"temperature": {constant}}}}}')
-    assert flowise.status_code == 400 and flowise.json()["success"] is False
+    assert flowise.status_code == 422 and flowise.json()["success"] is False
     form = client.post("/api/v1/prediction/tiny-chat-flow", data={"question": "hi", "temperature": constant})
     assert form.status_code in (200, 400)  # an override this flow does not allow is ignored, as in Flowise
 
@@ -215,15 +215,11 @@ def test_inputs_that_used_to_be_5xx(client):
     seed = client.post("/api/v1/prediction/tiny-chat-flow", json={"question": "hi", "overrideConfig": {"seed": 2**64}})
     assert seed.status_code in (200, 400)
     replicate_seed = client.post("/v1/models/ember/tiny-chat/predictions", json={"input": {"prompt": "hi", "seed": 2**64}})
-    assert replicate_seed.status_code == 422 and "seed" in replicate_seed.json()["detail"]
-    from engine.registry import Flow
+    assert replicate_seed.status_code == 201  # any integer seed is taken modulo 2**63 (engine/sampling_bounds.py)
     from server.flowise import SAMPLING
 
-    with pytest.raises(Exception, match="must be <="):
-        SAMPLING["seed"][1](2**64, "overrideConfig.seed")
-    with pytest.raises(Exception, match="must be a number"):
+    with pytest.raises(Exception, match="must be a finite number"):
         SAMPLING["temperature"][1](float("nan"), "overrideConfig.temperature")
-    assert Flow  # the flow type the converters serve
 
 
 def test_field_rules(client):
