@@ -19,6 +19,13 @@ JOB_STATUS = {"starting": "queued", "processing": "in_progress", "failed": "fail
 TERMINAL = ("completed", "incomplete", "failed", "cancelled")
 
 
+def read_event(event: Event) -> tuple[str, list[dict]]:
+    """An output event's content text and tool-call deltas (chat-completions shape: the first
+    delta of a call has its id and function name, later ones argument pieces). The text job
+    has already read tool calls out of the model's text."""
+    return event.data or "", event.tool_calls or []
+
+
 def _text_part(text: str) -> dict:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
@@ -77,8 +84,9 @@ class OutputBuilder:
         """Stream events (without sequence numbers) for one job event of the first choice."""
         if event.type != "output" or event.choice != 0:
             return []
-        events = self._text(event.data) if event.data else []
-        for delta in event.tool_calls or []:
+        text, tool_deltas = read_event(event)
+        events = self._text(text) if text else []
+        for delta in tool_deltas:
             events += self._tool_call(delta)
         if event.finish_reason:
             events += self.finish("incomplete" if event.finish_reason == "length" else "completed")

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 
 from server.auth import identity_of_key
 from tests.conftest import API_KEY, OTHER_KEY
-from tests.test_openai_api import forced_output  # noqa: F401 - a fixture, used by name
+from tests.test_openai_api import eos_ban, forced_output, oai, tokenizer  # noqa: F401 - fixtures, used by name
 
 MODEL = "ember/tiny-chat"
 WEATHER = {"type": "function", "name": "get_weather", "description": "Weather forecast",
@@ -23,25 +23,8 @@ WEATHER = {"type": "function", "name": "get_weather", "description": "Weather fo
 
 
 @pytest.fixture(scope="module")
-def oai(live_server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{live_server.url}/v1", api_key=API_KEY, max_retries=0)
-
-
-@pytest.fixture(scope="module")
 def other(live_server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{live_server.url}/v1", api_key=OTHER_KEY, max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(demo_folders):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(demo_folders["tiny-chat"])
-
-
-@pytest.fixture(scope="module")
-def eos_ban(tokenizer) -> dict:
-    return {str(tokenizer.eos_token_id): -100}
 
 
 def create(client, **kwargs):
@@ -163,6 +146,9 @@ def test_streamed_text_then_tool_call_are_two_items(oai, forced_output):
     pieces = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
     done = next(e for e in events if e.type == "response.function_call_arguments.done")
     assert pieces == done.arguments == call.arguments
+    stored = oai.responses.retrieve(final.id)
+    assert [(i.id, i.type) for i in stored.output] == [(i.id, i.type) for i in final.output]
+    assert stored.output[1].call_id == call.call_id
 
 
 def test_client_disconnect_cancels_the_job(oai, live_server, eos_ban):
@@ -359,3 +345,26 @@ def test_bad_requests_are_openai_error_objects(oai, live_server):
     assert too_long.value.body["code"] == "context_length_exceeded"
     raw = httpx.post(f"{live_server.url}/v1/responses", content=b"{", headers={"Authorization": f"Bearer {API_KEY}"})
     assert raw.status_code == 422 and "error" in raw.json()
+
+
+# ---------------------------------------------------------------------------- items to chat messages
+
+
+def test_items_become_chat_messages():
+    from server.responses_items import chat_messages, input_items
+
+    items = input_items([
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "input_text", "text": "Weather "}, {"type": "input_text", "text": "?"}]},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Checking."}]},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{}"},
+        {"type": "function_call", "call_id": "call_2", "name": "get_weather", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "call_1", "output": [{"type": "input_text", "text": "sun"}]},
+        {"type": "reasoning", "id": "rs_1", "summary": []}])
+    assert [i["type"] for i in items] == ["message"] * 3 + ["function_call"] * 2 + ["function_call_output"]
+    assert all(i["id"] for i in items) and items[2]["content"][0]["type"] == "output_text"
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    assert chat_messages(items) == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather ?"},
+        {"role": "assistant", "content": "Checking.", "tool_calls": [{"id": "call_1", **call}, {"id": "call_2", **call}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sun"}]

@@ -8,13 +8,13 @@ from typing import Literal
 import jsonschema
 import openai
 import pytest
+from pydantic import BaseModel, Field
 
 from tests.conftest import API_KEY
 
 langchain_openai = pytest.importorskip("langchain_openai")
-from langchain_core.messages import HumanMessage, ToolMessage  # noqa: E402
-from langchain_core.tools import tool  # noqa: E402
-from pydantic import BaseModel, Field  # noqa: E402
+from langchain_core.messages import HumanMessage, ToolMessage
+from langchain_core.tools import tool
 
 MODEL = "ember/tiny-chat"
 
