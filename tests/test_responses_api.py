@@ -313,6 +313,15 @@ def test_background_response_can_be_cancelled(oai, eos_ban):
         oai.responses.cancel(create(oai).id)
 
 
+def test_background_stream_outlives_its_client(oai):
+    stream = create(oai, background=True, stream=True, max_output_tokens=30)
+    created = next(iter(stream))
+    assert created.type == "response.created" and created.response.status == "queued"
+    stream.close()
+    done = wait_for(oai, created.response.id, ("completed", "incomplete", "cancelled"))
+    assert done.status != "cancelled" and done.usage.output_tokens > 0
+
+
 def test_background_needs_store(oai):
     with pytest.raises(openai.UnprocessableEntityError) as error:
         create(oai, background=True, store=False)
@@ -368,3 +377,25 @@ def test_items_become_chat_messages():
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather ?"},
         {"role": "assistant", "content": "Checking.", "tool_calls": [{"id": "call_1", **call}, {"id": "call_2", **call}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "sun"}]
+
+
+@pytest.fixture()
+def failing_generation(monkeypatch):
+    """Every text job fails while running, as a model error would."""
+    from engine import text_task
+
+    async def run(job, prepared, llm):
+        raise RuntimeError("the model broke")
+
+    monkeypatch.setattr(text_task, "run", run)
+
+
+def test_a_failed_generation_is_a_failed_response(oai, failing_generation):
+    with pytest.raises(openai.InternalServerError, match="the model broke"):
+        create(oai)
+    with oai.responses.stream(model=MODEL, input="Hi.") as stream:
+        events = list(stream)
+    assert [e.type for e in events][-2:] == ["error", "response.failed"]
+    failed = events[-1].response
+    assert failed.status == "failed" and "the model broke" in failed.error.message
+    assert oai.responses.retrieve(failed.id).status == "failed"
