@@ -180,7 +180,7 @@ def settle(response: dict, job: Job) -> None:
 class Pending:
     """A response whose job has not been settled yet (in this process)."""
 
-    doc: dict  # {"response": response object, "context": input items, "job_id": ...}
+    doc: dict  # {"response": the response object, "context": the input items it answers}
     owner: str
     job: Job
     persist: bool
@@ -281,8 +281,7 @@ async def create_response(body: ResponsesRequest, request: Request, identity: st
     context = previous_context(request, body.previous_response_id, identity) + input_items(body.input)
     task = response_task(body, version, context)
     job = await submit(request, body, version, task, identity)
-    doc = {"response": response_object(f"resp_{job.id}", body, version, task), "context": context,
-           "job_id": job.id}
+    doc = {"response": response_object(f"resp_{job.id}", body, version, task), "context": context}
     pending = track(request.app, doc, identity, job, body.store)
     if body.stream:
         return EventSourceResponse(stream_response(request, pending), sep="\n", ping=PING_S,
