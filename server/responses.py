@@ -29,22 +29,9 @@ from engine.jobs import Job
 from engine.registry import Version
 from engine.text_task import TextTask
 from server.auth import require_identity
-from server.openai import (
-    PING_S,
-    SamplingRequest,
-    sampling_params,
-    submit,
-    text_version,
-    wait_or_cancel,
-)
+from server.openai import PING_S, SamplingRequest, sampling_params, submit, text_version, wait_or_cancel
 from server.responses_items import chat_messages, input_items
-from server.responses_output import (
-    TERMINAL,
-    OutputBuilder,
-    output_of,
-    status_of,
-    usage_of,
-)
+from server.responses_output import TERMINAL, OutputBuilder, output_of, status_of, usage_of
 
 log = logging.getLogger("ember.server")
 

@@ -5,7 +5,8 @@ opens a `message` item, a tool-call delta with an id opens a `function_call` ite
 comes next (or the end) closes the open one. Each step returns the stream events OpenAI sends
 for it (`response.output_item.added`, `response.output_text.delta`, ...). Item ids derive from
 the response id and the item's position, so replaying the same events (for the stored or
-non-streamed answer) gives exactly the items that were streamed.
+non-streamed answer) gives exactly the items that were streamed; a function call's `call_id`
+derives from its item id for the same reason.
 """
 
 from __future__ import annotations
@@ -71,8 +72,10 @@ class OutputBuilder:
         function = delta.get("function") or {}
         if delta.get("id"):
             events += self.close()
-            events += self._open({"id": self._new_id("fc"), "type": "function_call", "status": "in_progress",
-                                  "call_id": delta["id"], "name": function.get("name", ""), "arguments": ""})
+            item_id = self._new_id("fc")
+            events += self._open({"id": item_id, "type": "function_call", "status": "in_progress",
+                                  "call_id": "call_" + item_id.removeprefix("fc_"), "name": function.get("name", ""),
+                                  "arguments": ""})
         piece = function.get("arguments") or ""
         if piece and self.current is not None and self.current["type"] == "function_call":
             self.current["arguments"] += piece
