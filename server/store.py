@@ -1,4 +1,5 @@
-"""The embedded database (SQLite): predictions, chat sessions and their messages, feedback.
+"""The embedded database (SQLite): predictions, chat sessions and their messages, feedback, and
+stored Responses API responses.
 
 One small class behind which Postgres could follow. Each record is a few indexed columns plus a
 JSON document, so the dialects can keep their own fields without schema churn.
@@ -33,6 +34,8 @@ CREATE INDEX IF NOT EXISTS messages_flow ON messages(flow_id, seq);
 CREATE TABLE IF NOT EXISTS feedback (
     id TEXT PRIMARY KEY, message_id TEXT NOT NULL, flow_id TEXT, chat_id TEXT, rating TEXT,
     content TEXT, created_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS responses (
+    id TEXT PRIMARY KEY, owner TEXT, created_at TEXT NOT NULL, status TEXT NOT NULL, doc TEXT NOT NULL);
 """
 
 
@@ -225,3 +228,22 @@ class Store:
             sql += " AND chat_id = ?"
             args.append(chat_id)
         return [dict(r) for r in self._exec(sql + " ORDER BY created_at", tuple(args))]
+
+    # ------------------------------------------------------------ responses (OpenAI Responses API)
+
+    def save_response(self, response_id: str, owner: str | None, status: str, doc: dict) -> None:
+        self._exec("INSERT INTO responses (id, owner, created_at, status, doc) VALUES (?, ?, ?, ?, ?) "
+                   "ON CONFLICT(id) DO UPDATE SET status=excluded.status, doc=excluded.doc",
+                   (response_id, owner, utcnow(), status, json.dumps(doc)))
+
+    def get_response(self, response_id: str, owner: str | None) -> dict:
+        """The stored document; NotFound if absent or owned by another identity (a response's
+        existence is not revealed to other keys)."""
+        rows = self._exec("SELECT owner, doc FROM responses WHERE id = ?", (response_id,))
+        if not rows or rows[0]["owner"] not in (owner, None):
+            raise NotFound(f"Response with id '{response_id}' not found.")
+        return json.loads(rows[0]["doc"])
+
+    def delete_response(self, response_id: str, owner: str | None) -> None:
+        self.get_response(response_id, owner)
+        self._exec("DELETE FROM responses WHERE id = ?", (response_id,))
