@@ -189,3 +189,20 @@ def test_constraint_mask_applies_to_its_row_only():
     forced = seq(constraint=ForcedTokens([6, 7]), temperature=0.0)
     free = seq(temperature=0.0)
     assert sample(LOGITS.repeat(2, 1), [forced, free]).token_ids == [6, 0]
+
+
+def test_grammar_rows_are_masked_in_one_batch_next_to_free_rows(tokenizer):
+    from engine.llm.grammar import constraint_factory
+
+    factory = constraint_factory(tokenizer, {"type": "json_object"}, None, None)
+    vocab = len(tokenizer) + 3  # an lm_head padded past the tokenizer
+    logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(0))
+    logits[:, len(tokenizer):] = 100.0  # padding ids would win if they were not masked
+    rows = [seq(constraint=factory(0), temperature=0.0), seq(temperature=0.0),
+            seq(constraint=factory(1), temperature=1.0, seed=1), seq(constraint=ForcedTokens([5]), temperature=0.0)]
+    allowed = factory(2).allowed_token_mask(vocab)
+    result = sample(logits.clone(), rows)
+    assert not result.errors
+    assert allowed[result.token_ids[0]] and allowed[result.token_ids[2]]
+    assert result.token_ids[1] >= len(tokenizer)  # the free row is untouched
+    assert result.token_ids[3] == 5

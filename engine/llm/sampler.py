@@ -128,17 +128,35 @@ def apply_bias(logits: torch.Tensor, seqs: list[Sequence]) -> None:
 
 
 def apply_constraints(logits: torch.Tensor, seqs: list[Sequence]) -> dict[int, str]:
-    """Mask every constrained row in one go. Masks are built on the host (no device sync per
-    row); a row whose constraint allows nothing is reported, not raised."""
+    """Mask every constrained row at once, built on the host (no device sync per row): grammar
+    constraints fill one packed bitmask applied by xgrammar in one call; other constraints give
+    bool masks applied in one masked_fill. A row whose constraint allows nothing is reported, not
+    raised."""
     vocab = logits.shape[1]
-    rows: list[int] = []
+    bool_rows: list[int] = []
     masks: list[torch.Tensor] = []
+    bit_rows: list[int] = []
+    bitmask: torch.Tensor | None = None
+    bitmask_vocab = 0
     errors: dict[int, str] = {}
     for i, s in enumerate(seqs):
-        if s.constraint is None:
+        c = s.constraint
+        if c is None:
             continue
         try:
-            mask = s.constraint.allowed_token_mask(vocab)
+            if hasattr(c, "fill_bitmask") and (bitmask is None or c.grammar_vocab == bitmask_vocab):
+                if bitmask is None:
+                    import xgrammar as xgr
+
+                    bitmask_vocab = c.grammar_vocab
+                    bitmask = xgr.allocate_token_bitmask(len(seqs), bitmask_vocab)
+                if c.fill_bitmask(bitmask, i):
+                    if not bool(bitmask[i].any()):
+                        errors[i] = "ValueError: the constraint allows no token"
+                    else:
+                        bit_rows.append(i)
+                continue
+            mask = c.allowed_token_mask(vocab)
         except Exception as exc:  # noqa: BLE001 - a broken constraint fails its own row
             errors[i] = f"{type(exc).__name__}: {exc}"
             continue
@@ -147,12 +165,20 @@ def apply_constraints(logits: torch.Tensor, seqs: list[Sequence]) -> dict[int, s
         if not bool(mask.any()):  # a host tensor: no device round trip
             errors[i] = "ValueError: the constraint allows no token"
             continue
-        rows.append(i)
+        bool_rows.append(i)
         masks.append(mask)
-    if rows:
+    if bool_rows:
         allowed = torch.stack(masks).to(logits.device, non_blocking=True)
-        index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+        index = torch.tensor(bool_rows, dtype=torch.long, device=logits.device)
         logits[index] = logits[index].masked_fill(~allowed, NEG_INF)
+    if bit_rows:
+        import xgrammar as xgr
+
+        width = min(vocab, bitmask_vocab)
+        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
+                                        indices=bit_rows, vocab_size=width)
+        if vocab > width:  # an lm_head padded past the tokenizer: those ids are never allowed
+            logits[bit_rows, width:] = NEG_INF
     if errors:  # keep the failed rows finite so the batch's softmax stays clean
         logits[list(errors)] = 0.0
     return errors
