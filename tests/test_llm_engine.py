@@ -407,3 +407,37 @@ def test_prompt_logprobs_match_the_model(llama, tokenizer, chunk):
 def test_max_new_tokens_zero_needs_prompt_logprobs(engine):
     with pytest.raises(InvalidInput):
         run_all(engine, [GenerationRequest("zero", [5, 6], greedy(0))])
+
+
+def test_kv_budget_is_a_share_of_total_device_memory():
+    from engine.llm.engine import kv_budget_bytes
+
+    gib = 2**30
+    # 80 GiB device, 0.9 of it for this engine, 14 GiB already held by its weights, 66 GiB free
+    assert kv_budget_bytes(80 * gib, 66 * gib, 14 * gib, 0.9) == 58 * gib
+    # someone else filled the device: never more than is free
+    assert kv_budget_bytes(80 * gib, 10 * gib, 14 * gib, 0.9) == 10 * gib
+    assert kv_budget_bytes(80 * gib, 66 * gib, 79 * gib, 0.9) == 0
+
+
+def test_memory_bytes_sleep_and_wake(llama, tokenizer):
+    engine = make_engine(llama, tokenizer)
+    try:
+        from engine.llm.runner import kv_bytes_per_token
+
+        (size,) = engine.memory_bytes().values()
+        per_token = kv_bytes_per_token(llama, torch.float32)
+        assert size >= engine.stats()["num_total_blocks"] * engine.config.block_size * per_token
+        prompt = random_prompts(1, len(tokenizer), seed=25, lengths=(40, 40))[0]
+        run_all(engine, [GenerationRequest("before", prompt, greedy(4))])
+        engine.sleep()
+        assert engine.memory_bytes() == {}
+        with pytest.raises(ModelUnavailable):
+            run_all(engine, [GenerationRequest("asleep", prompt, greedy(4))])
+        engine.wake()
+        after = run_all(engine, [GenerationRequest("after", prompt, greedy(4))])[0][0]
+        assert tokens_of(after) == reference_greedy(llama, prompt, 4)
+        assert engine.stats()["prefix_cache_hit_tokens"] == 0  # the cache started empty again
+        assert_all_blocks_free(engine)
+    finally:
+        engine.close()
