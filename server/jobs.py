@@ -12,7 +12,6 @@ and serialised on the writer thread.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import logging
 import threading
@@ -158,7 +157,7 @@ class JobService:
     async def submit(self, job: Job, *, wait_ready: bool = True) -> Job:
         job.listeners.append(self._listener())
         await self.engine.submit(job, wait_ready=wait_ready)
-        await asyncio.wrap_future(self.record(job))  # the record exists before anyone is answered
+        self.record(job)  # queued behind any record of this job already waiting: order is kept
         return job
 
     def mark_interrupted(self, requeue: bool = False) -> list[dict]:

@@ -12,6 +12,7 @@ from engine.errors import InvalidInput, ModelUnavailable, PromptTooLong, QueueFu
 from engine.llm.constraints import ForcedTokens
 from engine.llm.types import GenerationRequest, SamplingParams
 from tests.llm_fixtures import (
+    NothingAllowed,
     collect,
     greedy,
     make_engine,
@@ -317,17 +318,6 @@ def test_choice_seeds_do_not_collide_with_other_requests(engine, tokenizer):
     assert [tokens_of(two[i]) for i in (0, 1)] == [tokens_of(again[i]) for i in (0, 1)]
 
 
-class _NothingAllowed:
-    def allowed_token_mask(self, vocab_size):
-        return torch.zeros(vocab_size, dtype=torch.bool)
-
-    def accept(self, token_id):
-        raise AssertionError("never sampled")
-
-    def is_done(self):
-        return False
-
-
 def test_a_failing_row_fails_only_its_request(engine, llama, tokenizer):
     prompts = random_prompts(3, len(tokenizer), seed=23)
     bad_forced = tokenizer("steamed", add_special_tokens=False)["input_ids"]
@@ -337,7 +327,7 @@ def test_a_failing_row_fails_only_its_request(engine, llama, tokenizer):
             raise ValueError("private detail of request bad-accept")
 
     requests = [GenerationRequest("good-0", prompts[0], greedy(8)),
-                GenerationRequest("bad-mask", prompts[1], greedy(8), constraint_factory=lambda i: _NothingAllowed()),
+                GenerationRequest("bad-mask", prompts[1], greedy(8), constraint_factory=lambda i: NothingAllowed()),
                 GenerationRequest("bad-accept", prompts[2], greedy(8), constraint_factory=lambda i: Refuses(bad_forced)),
                 GenerationRequest("good-1", prompts[2], greedy(8))]
     good0, mask, accept, good1 = run_all(engine, requests)

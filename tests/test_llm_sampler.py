@@ -12,6 +12,7 @@ from engine.llm.constraints import ForcedTokens
 from engine.llm.sampler import PenaltyState, process_logits, sample
 from engine.llm.sequence import Sequence
 from engine.llm.types import SamplingParams
+from tests.llm_fixtures import NothingAllowed
 
 V = 8
 
@@ -163,17 +164,6 @@ def test_logprobs_are_always_finite():
     assert all(math.isfinite(lp) for _, lp in result.logprobs[0][1])
     assert sample(LOGITS[None].clone(), [seq(logprobs=0)]).logprobs[0][1] == []
     assert sample(LOGITS[None].clone(), [seq()]).logprobs == [None]
-
-
-class NothingAllowed:
-    def allowed_token_mask(self, vocab_size):
-        return torch.zeros(vocab_size, dtype=torch.bool)
-
-    def accept(self, token_id):
-        raise AssertionError("never sampled")
-
-    def is_done(self):
-        return False
 
 
 def test_a_constraint_that_allows_nothing_fails_only_its_row():

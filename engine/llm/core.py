@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import torch
 
-from engine.errors import ModelUnavailable
+from engine.errors import InvalidInput, ModelUnavailable
 from engine.llm.scheduler import Scheduler
 from engine.llm.sampler import PenaltyState, sample, top_logprobs
 from engine.llm.sequence import Sequence
@@ -113,8 +113,6 @@ class EngineCore:
             if self._closing or self._stopped:
                 raise ModelUnavailable("the LLM engine is shut down")
             if state.request_id in self._active:
-                from engine.errors import InvalidInput
-
                 raise InvalidInput(f"request id {state.request_id!r} is already running", param="request_id")
             self._active[state.request_id] = state
             self._inbox.append(("add", state))
