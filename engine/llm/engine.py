@@ -182,7 +182,7 @@ class LLMEngine:
             return {}
         runner = self.runner
         size = getattr(runner, "kv_cache_bytes", None)
-        if size is None:
+        if size is None:  # a runner that does not report its cache: count its KV tensor
             size = runner.kv.numel() * runner.kv.element_size()
         return {str(self.device): int(size)}
 
