@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine.llm.constraints import ForcedTokens
-from engine.llm.sampler import PenaltyState, process_logits, sample
+from engine.llm.sampler import PenaltyState, SamplerState, process_logits, sample
 from engine.llm.sequence import Sequence
 from engine.llm.types import SamplingParams
 from tests.llm_fixtures import NothingAllowed
@@ -99,11 +99,12 @@ def test_presence_and_frequency_penalties_count_output_tokens_only():
 
 
 def test_penalty_counts_follow_sampled_tokens_and_free_rows_are_clean():
-    state = PenaltyState(V, torch.device("cpu"))
+    sampler_state = SamplerState(V, torch.device("cpu"))
+    state = sampler_state.penalties
     a = seq(prompt=(3,), frequency_penalty=1.0, temperature=0.0)
     plain = seq(temperature=0.0)
     for _ in range(3):  # greedy picks token 0 each time; its count grows step by step
-        token = sample(LOGITS.repeat(2, 1), [a, plain], penalties=state).token_ids[0]
+        token = sample(LOGITS.repeat(2, 1), [a, plain], state=sampler_state).token_ids[0]
         a.token_ids.append(token)
     assert a.output_token_ids == [0, 0, 1]
     expected = LOGITS.clone()

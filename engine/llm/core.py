@@ -31,7 +31,7 @@ import torch
 
 from engine.errors import InvalidInput, ModelUnavailable
 from engine.llm.scheduler import Scheduler
-from engine.llm.sampler import PenaltyState, sample, top_logprobs
+from engine.llm.sampler import SamplerState, sample, top_logprobs
 from engine.llm.sequence import Sequence
 from engine.llm.types import FinishReason, GenerationRequest
 
@@ -88,7 +88,7 @@ class EngineCore:
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
         self.block_size = block_size
-        self.penalties = PenaltyState(vocab_size, runner.device)
+        self.sampler_state = SamplerState(vocab_size, runner.device)
         self._generator = torch.Generator(device=runner.device)
         self._generator.seed()
 
@@ -258,7 +258,7 @@ class EngineCore:
             logits, sampled, prompt_logits = self._execute(batch.seqs, batch.num_tokens)
             rows = [i for i, s in enumerate(sampled) if s.params.max_new_tokens > 0]
             to_sample = [sampled[i] for i in rows]
-            result = sample(logits[rows], to_sample, self._generator, self.penalties) if to_sample else None
+            result = sample(logits[rows], to_sample, self._generator, self.sampler_state) if to_sample else None
         except Exception as exc:
             logger.exception("LLM engine forward/sampling failed")
             self.counters["failed_steps"] += 1
@@ -342,7 +342,7 @@ class EngineCore:
 
     def _finish_seq(self, state: CoreRequest, seq: Sequence, reason: FinishReason) -> None:
         self.scheduler.finish(seq)
-        self.penalties.release(seq)
+        self.sampler_state.release(seq)
         seq.finish_reason = reason
         self._mark_done(state, seq.index)
 
@@ -352,7 +352,7 @@ class EngineCore:
         seq = next((s for s in state.seqs if s.index == index), None)
         if seq is not None and not seq.is_finished:
             self.scheduler.finish(seq)
-            self.penalties.release(seq)
+            self.sampler_state.release(seq)
             seq.finish_reason = reason
         self._emit(state, CoreOutput(index, finish_reason=reason))
         self._mark_done(state, index)
@@ -362,7 +362,7 @@ class EngineCore:
         for seq in state.seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq)
-                self.penalties.release(seq)
+                self.sampler_state.release(seq)
                 seq.finish_reason = reason
         for index in range(state.n):
             if index not in state.done:

@@ -98,23 +98,83 @@ class PenaltyState:
                                    accumulate=True)
 
 
-def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], state: PenaltyState) -> None:
+# Columns of SettingsTable, per sequence. Values that switch a filter off: top_k = vocab,
+# top_p = 2, min_p = 0; greedy rows get temperature 1 and no filters (they take the argmax).
+TEMPERATURE, TOP_K, TOP_P, MIN_P, GREEDY, REPETITION, PRESENCE, FREQUENCY = range(8)
+
+
+class SettingsTable:
+    """Every sampling sequence's numeric settings in one persistent tensor on the logits' device,
+    written once when the sequence first samples and read each step with one gather: a step
+    copies only the row ids to the device, not one small tensor per setting."""
+
+    def __init__(self, vocab: int, device: torch.device):
+        self.vocab = vocab
+        self.device = device
+        self.table = torch.zeros(0, 8, device=device)
+        self.rows: dict[Sequence, int] = {}
+        self.free_rows: list[int] = []
+
+    def _values(self, seq: Sequence) -> list[float]:
+        p = seq.params
+        greedy = p.temperature < GREEDY_EPS
+        top_k = p.top_k if 0 < p.top_k < self.vocab and not greedy else self.vocab
+        top_p = p.top_p if p.top_p < 1.0 and not greedy else 2.0
+        return [1.0 if greedy else p.temperature, top_k, top_p, 0.0 if greedy else p.min_p, float(greedy),
+                p.repetition_penalty, p.presence_penalty, p.frequency_penalty]
+
+    @torch.inference_mode()
+    def gather(self, seqs: list[Sequence]) -> torch.Tensor:
+        """[len(seqs), 8] settings, rows in `seqs` order."""
+        for seq in seqs:
+            if seq not in self.rows:
+                if not self.free_rows:
+                    start = self.table.shape[0]
+                    grow = max(8, start)
+                    self.table = torch.cat([self.table, self.table.new_zeros(grow, 8)])
+                    self.free_rows.extend(range(start + grow - 1, start - 1, -1))
+                row = self.rows[seq] = self.free_rows.pop()
+                self.table[row] = torch.tensor(self._values(seq), device=self.device)
+        index = torch.tensor([self.rows[s] for s in seqs], dtype=torch.long)
+        return self.table[index.to(self.device, non_blocking=True)]
+
+    def release(self, seq: Sequence) -> None:
+        row = self.rows.pop(seq, None)
+        if row is not None:
+            self.free_rows.append(row)
+
+
+class SamplerState:
+    """What the sampler keeps between steps for the sequences in flight; `release` a sequence
+    when it finishes."""
+
+    def __init__(self, vocab: int, device: torch.device):
+        self.settings = SettingsTable(vocab, device)
+        self.penalties = PenaltyState(vocab, device)
+
+    def release(self, seq: Sequence) -> None:
+        self.settings.release(seq)
+        self.penalties.release(seq)
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], state: PenaltyState,
+                    settings: torch.Tensor) -> None:
     rows = [i for i, s in enumerate(seqs) if _needs_penalties(s)]
     if not rows:
         return
     slots = torch.tensor([state.row(seqs[i]) for i in rows], dtype=torch.long, device=logits.device)
+    index = torch.tensor(rows, dtype=torch.long, device=logits.device)
     counts = state.counts[slots]
-    sub = logits[rows]
+    sub = logits[index]
+    cols = settings[index]
     params = [seqs[i].params for i in rows]
     if any(p.repetition_penalty != 1.0 for p in params):
-        penalty = torch.tensor([p.repetition_penalty for p in params], device=logits.device)[:, None]
+        penalty = cols[:, REPETITION:REPETITION + 1]
         seen = state.seen_prompt[slots] | (counts > 0)
         sub = torch.where(seen, torch.where(sub > 0, sub / penalty, sub * penalty), sub)
     if any(p.presence_penalty or p.frequency_penalty for p in params):
-        presence = torch.tensor([p.presence_penalty for p in params], device=logits.device)[:, None]
-        frequency = torch.tensor([p.frequency_penalty for p in params], device=logits.device)[:, None]
-        sub = sub - frequency * counts - presence * (counts > 0)
-    logits[rows] = sub
+        sub = sub - cols[:, FREQUENCY:FREQUENCY + 1] * counts - cols[:, PRESENCE:PRESENCE + 1] * (counts > 0)
+    logits[index] = sub
 
 
 def apply_bias(logits: torch.Tensor, seqs: list[Sequence]) -> None:
@@ -222,56 +282,57 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return picks.clamp_(max=probs.shape[1] - 1)
 
 
-def _filter_rows(processed: torch.Tensor, params, greedy: list[bool]) -> torch.Tensor:
+def _filter_rows(processed: torch.Tensor, params, greedy: list[bool], settings: torch.Tensor) -> torch.Tensor:
     """top_k/top_p on the rows that ask for them (only those are sorted), then min_p."""
-    device = processed.device
     vocab = processed.shape[1]
     rows = [i for i, (p, g) in enumerate(zip(params, greedy))
             if not g and (0 < p.top_k < vocab or p.top_p < 1.0)]
     if rows:
-        ks = [params[i].top_k if 0 < params[i].top_k < vocab else vocab for i in rows]
-        ps = [params[i].top_p if params[i].top_p < 1.0 else 2.0 for i in rows]
-        processed[rows] = top_k_top_p(
-            processed[rows],
-            torch.tensor(ks, device=device) if any(k < vocab for k in ks) else None,
-            torch.tensor(ps, device=device) if any(p < 1.0 for p in ps) else None,
+        index = torch.tensor(rows, dtype=torch.long, device=processed.device)
+        cols = settings[index]
+        processed[index] = top_k_top_p(
+            processed[index],
+            cols[:, TOP_K] if any(0 < params[i].top_k < vocab for i in rows) else None,
+            cols[:, TOP_P] if any(params[i].top_p < 1.0 for i in rows) else None,
         )
-    min_ps = [0.0 if g else p.min_p for p, g in zip(params, greedy)]
-    if any(m > 0 for m in min_ps):
-        processed = min_p_filter(processed, torch.tensor(min_ps, device=device))
+    if any(p.min_p > 0 and not g for p, g in zip(params, greedy)):
+        processed = min_p_filter(processed, settings[:, MIN_P])
     return processed
 
 
-def process_logits(logits: torch.Tensor, seqs: list[Sequence], penalties: PenaltyState) -> dict[int, str]:
+def process_logits(logits: torch.Tensor, seqs: list[Sequence], penalties: PenaltyState,
+                   settings: torch.Tensor | None = None) -> dict[int, str]:
     """Penalties, logit_bias, min_new_tokens and constraint masks, in place; returns per-row errors."""
-    apply_penalties(logits, seqs, penalties)
+    if settings is None:
+        settings = SettingsTable(logits.shape[1], logits.device).gather(seqs)
+    apply_penalties(logits, seqs, penalties, settings)
     apply_bias(logits, seqs)
     return apply_constraints(logits, seqs)
 
 
 @torch.inference_mode()
 def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator | None = None,
-           penalties: PenaltyState | None = None) -> SampleResult:
-    """logits: float32 [rows, vocab], modified in place."""
+           state: SamplerState | None = None) -> SampleResult:
+    """logits: float32 [rows, vocab], modified in place. Without a `state` (one-off calls), the
+    sequences are treated as new."""
     device = logits.device
     params = [s.params for s in seqs]
     lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
     raw_logprobs = logits[lp_rows].log_softmax(dim=-1) if lp_rows else None
-    penalties = penalties or PenaltyState(logits.shape[1], device)
-    errors = process_logits(logits, seqs, penalties)
+    state = state or SamplerState(logits.shape[1], device)
+    settings = state.settings.gather(seqs)
+    errors = process_logits(logits, seqs, state.penalties, settings)
     greedy = [p.temperature < GREEDY_EPS for p in params]
 
     if all(greedy):
         tokens = logits.argmax(dim=-1)
     else:
-        temperature = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], device=device)
-        processed = _filter_rows(logits / temperature[:, None], params, greedy)
+        processed = _filter_rows(logits / settings[:, TEMPERATURE:TEMPERATURE + 1], params, greedy, settings)
         sampled = inverse_cdf(processed.softmax(dim=-1), uniforms(seqs, device, generator))
-        greedy_mask = torch.tensor(greedy, device=device)
-        tokens = torch.where(greedy_mask, logits.argmax(dim=-1), sampled)
+        tokens = torch.where(settings[:, GREEDY] > 0, logits.argmax(dim=-1), sampled)
 
     token_ids = tokens.tolist()
-    penalties.record(seqs, token_ids)
+    state.penalties.record(seqs, token_ids)
     return SampleResult(token_ids, _logprobs(raw_logprobs, lp_rows, token_ids, params), errors)
 
 
