@@ -11,9 +11,11 @@ Order of processing (every step is a vectorised op over the rows that need it):
   row instead of an exponential race's `vocab` random numbers per row: random numbers dominated
   the sampler's time on CPU.
 
-Penalties read per-sequence token counts kept in `PenaltyState`: one persistent row per
-penalised sequence, filled from the prompt when it joins and bumped by one batched scatter per
-step, so a step costs the same whatever the context length.
+State kept across steps (`SamplerState`): every sequence's numeric settings in one persistent
+table (`SettingsTable`, written when it first samples, read with one gather per step), and for
+penalised sequences their token counts (`PenaltyState`: one persistent row each, filled from the
+prompt when it joins and bumped by one batched scatter per step, so a step costs the same whatever
+the context length). The engine core releases a sequence's rows when it finishes.
 
 A row whose constraint allows no token fails alone: `SampleResult.errors` names it, its token is
 meaningless, and the other rows sample as usual.
