@@ -188,7 +188,8 @@ class LLMEngine:
 
     def sleep(self) -> None:
         """Free the device for another model: weights go to host memory and the KV cache (with its
-        prefix cache) is dropped. Only when no request is in flight; `wake` undoes it."""
+        prefix cache) is dropped. Only when no request is in flight; `wake` undoes it. Both block
+        until the step in progress ends: call them off the event loop (asyncio.to_thread)."""
         if self._asleep:
             return
 
