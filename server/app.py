@@ -57,7 +57,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             sweeper.cancel()
+            app.state.jobs.stop_recording_ends()
             await engine.close()
+            app.state.jobs.close()
             store.close()
 
     app = FastAPI(title="ember", version=_version(), lifespan=lifespan,

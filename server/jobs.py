@@ -1,11 +1,20 @@
 """Submitting jobs from any router: persistence, metrics and the prediction record in one place.
 
 Every job, whichever dialect created it, is recorded as a prediction (Replicate's object shape)
-when it starts, as its output grows (throttled) and when it ends.
+when it is created and at every status change (so it survives a restart). A job whose output is
+read as a prediction (Replicate, Flowise) is also re-recorded as its output grows, at most every
+SAVE_INTERVAL_S; an OpenAI job's partial output is only ever read from memory, so it is not.
+
+Writes never run on the event loop: `RecordWriter` owns one thread that writes the newest record
+of each job, many per transaction. Records are built on the loop (the job is only touched there)
+and serialised on the writer thread.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import logging
+import threading
 import time
 
 from engine.engine import Engine
@@ -14,6 +23,7 @@ from server.metrics import Metrics
 from server.store import Store
 
 SAVE_INTERVAL_S = 0.5
+logger = logging.getLogger("ember.jobs")
 
 
 def request_base_url(request) -> str:
@@ -56,6 +66,55 @@ def prediction_doc(job: Job, base_url: str) -> dict:
     }
 
 
+class RecordWriter:
+    """Writes prediction records on its own thread; a newer record of a job replaces one that is
+    still waiting. `put` returns a future done once that record is committed."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._pending: dict[str, dict] = {}
+        self._waiters: list[concurrent.futures.Future] = []
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="ember-record-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, doc: dict) -> concurrent.futures.Future:
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._closing:  # after close (a late listener): write in the caller's thread
+                self.store.save_prediction(doc)
+                done.set_result(None)
+                return done
+            self._pending[doc["id"]] = doc
+            self._waiters.append(done)
+            self._cond.notify()
+        return done
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closing:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                docs, self._pending = list(self._pending.values()), {}
+                waiters, self._waiters = self._waiters, []
+            try:
+                self.store.save_predictions(docs)
+            except Exception:  # noqa: BLE001 - a failed write must not stop later ones
+                logger.exception("could not save %d prediction records", len(docs))
+            for waiter in waiters:
+                waiter.set_result(None)
+
+    def close(self) -> None:
+        """Write what is pending, then stop."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join()
+
+
 class JobService:
     def __init__(self, engine: Engine, store: Store, metrics: Metrics, base_url: str):
         self.engine = engine
@@ -63,9 +122,19 @@ class JobService:
         self.metrics = metrics
         self.base_url = base_url
         self.hooks: list = []  # extra listeners (webhooks) added by routers: fn(job, event)
+        self.writer = RecordWriter(store)
+        self.stopping = False  # set while the server shuts down
 
-    def record(self, job: Job) -> None:
-        self.store.save_prediction(prediction_doc(job, self.base_url))
+    def stop_recording_ends(self) -> None:
+        """The server is stopping: jobs it cancels now keep their last (unfinished) record, so the
+        next start fails them as interrupted, or re-runs them when configured to."""
+        self.stopping = True
+
+    def record(self, job: Job) -> concurrent.futures.Future:
+        return self.writer.put(prediction_doc(job, self.base_url))
+
+    def close(self) -> None:
+        self.writer.close()
 
     def _listener(self):
         last_save = [0.0]
@@ -73,7 +142,9 @@ class JobService:
 
         def on_change(job: Job, event: Event | None) -> None:
             now = time.monotonic()
-            if job.status != last_status[0] or job.done or now - last_save[0] >= SAVE_INTERVAL_S:
+            changed = job.status != last_status[0] or job.done
+            grown = job.source != "openai" and now - last_save[0] >= SAVE_INTERVAL_S
+            if (changed or grown) and not (self.stopping and job.done):
                 last_status[0], last_save[0] = job.status, now
                 self.record(job)
             if event is not None and event.type == "done":
@@ -86,7 +157,7 @@ class JobService:
     async def submit(self, job: Job, *, wait_ready: bool = True) -> Job:
         job.listeners.append(self._listener())
         await self.engine.submit(job, wait_ready=wait_ready)
-        self.record(job)
+        self.record(job)  # queued behind any record of this job already waiting: order is kept
         return job
 
     def mark_interrupted(self, requeue: bool = False) -> list[dict]:

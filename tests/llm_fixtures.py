@@ -95,3 +95,16 @@ def text_of(deltas: list[GenerationDelta]) -> str:
 
 def greedy(max_new_tokens: int, **kw) -> SamplingParams:
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, **kw)
+
+
+class NothingAllowed:
+    """A constraint whose mask allows no token (a grammar that has nowhere to go)."""
+
+    def allowed_token_mask(self, vocab_size):
+        return torch.zeros(vocab_size, dtype=torch.bool)
+
+    def accept(self, token_id):
+        raise AssertionError("never sampled")
+
+    def is_done(self):
+        return False

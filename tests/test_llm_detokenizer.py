@@ -60,3 +60,10 @@ def test_stop_string_spanning_tokens_at_the_very_end(tokenizer):
     ids = tokenizer("hello world", add_special_tokens=False)["input_ids"]
     pieces, detok = stream(tokenizer, ids, stop=["o w"])
     assert detok.stopped and "".join(pieces) == "hell"
+
+
+def test_final_text_keeps_a_character_cut_off_by_the_last_token(tokenizer):
+    ids = tokenizer("fire 🔥", add_special_tokens=False)["input_ids"]
+    cut = next(n for n in range(len(ids), 0, -1) if tokenizer.decode(ids[:n]).endswith("\ufffd"))
+    pieces, _ = stream(tokenizer, ids[:cut])
+    assert "".join(pieces) == tokenizer.decode(ids[:cut])

@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
-from engine.errors import InvalidInput, PromptTooLong, QueueFull
+from engine.errors import InvalidInput, ModelUnavailable, PromptTooLong, QueueFull
 from engine.llm.constraints import ForcedTokens
 from engine.llm.types import GenerationRequest, SamplingParams
 from tests.llm_fixtures import (
+    NothingAllowed,
     collect,
     greedy,
     make_engine,
@@ -291,3 +293,141 @@ def test_a_failing_constraint_factory_fails_only_its_request(engine, llama, toke
     assert all(d[-1].finish_reason == "error" and "no grammar" in d[-1].error for d in bad_result.values())
     assert tokens_of(good_result[0]) == reference_greedy(llama, [5, 6, 7], 5)
     assert_all_blocks_free(engine)
+
+
+def test_repetition_penalty_matches_transformers(engine, llama, tokenizer):
+    prompt = random_prompts(1, len(tokenizer), seed=21, lengths=(20, 20))[0]
+    with torch.inference_mode():
+        out = llama.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=16, do_sample=False, repetition_penalty=1.8)
+    expected = out[0, len(prompt):].tolist()
+    got = run_all(engine, [GenerationRequest("rep", prompt, greedy(16, repetition_penalty=1.8)),
+                           GenerationRequest("plain", prompt, greedy(16))])
+    assert tokens_of(got[0][0]) == expected
+    assert tokens_of(got[1][0]) == reference_greedy(llama, prompt, 16)
+    assert_all_blocks_free(engine)
+
+
+def test_choice_seeds_do_not_collide_with_other_requests(engine, tokenizer):
+    prompt = random_prompts(1, len(tokenizer), seed=22)[0]
+    params = dict(max_new_tokens=12, temperature=1.0, ignore_eos=True)
+    two = run_all(engine, [GenerationRequest("s1", prompt, SamplingParams(n=2, seed=1, **params))])[0]
+    seed2 = run_all(engine, [GenerationRequest("s2", prompt, SamplingParams(seed=2, **params))])[0]
+    again = run_all(engine, [GenerationRequest("s1b", prompt, SamplingParams(n=2, seed=1, **params))])[0]
+    assert tokens_of(two[1]) != tokens_of(seed2[0])
+    assert [tokens_of(two[i]) for i in (0, 1)] == [tokens_of(again[i]) for i in (0, 1)]
+
+
+def test_a_failing_row_fails_only_its_request(engine, llama, tokenizer):
+    prompts = random_prompts(3, len(tokenizer), seed=23)
+    bad_forced = tokenizer("steamed", add_special_tokens=False)["input_ids"]
+
+    class Refuses(ForcedTokens):  # its mask allows one token, then refuses it when sampled
+        def accept(self, token_id):
+            raise ValueError("private detail of request bad-accept")
+
+    requests = [GenerationRequest("good-0", prompts[0], greedy(8)),
+                GenerationRequest("bad-mask", prompts[1], greedy(8), constraint_factory=lambda i: NothingAllowed()),
+                GenerationRequest("bad-accept", prompts[2], greedy(8), constraint_factory=lambda i: Refuses(bad_forced)),
+                GenerationRequest("good-1", prompts[2], greedy(8))]
+    good0, mask, accept, good1 = run_all(engine, requests)
+    assert mask[0][-1].finish_reason == "error" and "allows no token" in mask[0][-1].error
+    assert accept[0][-1].finish_reason == "error" and "bad-accept" in accept[0][-1].error
+    for result, prompt in ((good0, prompts[0]), (good1, prompts[2])):
+        assert tokens_of(result[0]) == reference_greedy(llama, prompt, 8)
+        assert all(d.error is None for d in result[0])
+    assert engine.stats()["failed_steps"] == 0
+    assert_all_blocks_free(engine)
+
+
+def test_a_request_racing_shutdown_ends_with_an_error(llama, tokenizer):
+    engine = make_engine(llama, tokenizer)
+    core = engine.core
+    real_add = core.add
+
+    def add_after_shutdown(state):  # the engine shuts down between generate()'s checks and the add
+        core.close()
+        real_add(state)
+
+    core.add = add_after_shutdown
+
+    async def main():
+        return await asyncio.wait_for(collect(engine, GenerationRequest("late", [5, 6], greedy(3))), timeout=30)
+
+    with pytest.raises(ModelUnavailable):
+        asyncio.run(main())
+
+
+def prompt_logprob_reference(model, prompt: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+
+
+@pytest.mark.parametrize("chunk", [2048, 16])
+def test_prompt_logprobs_match_the_model(llama, tokenizer, chunk):
+    engine = make_engine(llama, tokenizer, max_num_batched_tokens=chunk)
+    try:
+        prompt = random_prompts(1, len(tokenizer), seed=24, lengths=(45, 45))[0]
+        run_all(engine, [GenerationRequest("warm", prompt, greedy(2))])  # the prompt's blocks are now cached
+        reference = prompt_logprob_reference(llama, prompt)
+        score, gen = run_all(engine, [
+            GenerationRequest("score", prompt, greedy(0, prompt_logprobs=2)),
+            GenerationRequest("gen", prompt, SamplingParams(max_new_tokens=3, temperature=1.0, n=2, seed=5,
+                                                            prompt_logprobs=0)),
+        ])
+        (final,) = score[0]
+        assert final.finish_reason == "length" and final.token_ids == [] and final.completion_tokens == 0
+        entries = final.prompt_logprobs
+        assert len(entries) == len(prompt) and entries[0] is None
+        for i, entry in enumerate(entries[1:], start=1):
+            assert entry.token_id == prompt[i]
+            assert entry.logprob == pytest.approx(reference[i - 1, prompt[i]].item(), abs=1e-4)
+            top = reference[i - 1].topk(2)
+            assert [t[0] for t in entry.top] == top.indices.tolist()
+            assert [t[2] for t in entry.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+            assert entry.token == tokenizer.decode([prompt[i]])
+        for deltas in gen.values():
+            assert [d.prompt_logprobs is not None for d in deltas] == [True] + [False] * (len(deltas) - 1)
+            assert [e.logprob for e in deltas[0].prompt_logprobs[1:]] == pytest.approx([e.logprob for e in entries[1:]], abs=1e-4)
+        assert_all_blocks_free(engine)
+    finally:
+        engine.close()
+
+
+def test_max_new_tokens_zero_needs_prompt_logprobs(engine):
+    with pytest.raises(InvalidInput):
+        run_all(engine, [GenerationRequest("zero", [5, 6], greedy(0))])
+
+
+def test_kv_budget_is_a_share_of_total_device_memory():
+    from engine.llm.engine import kv_budget_bytes
+
+    gib = 2**30
+    # 80 GiB device, 0.9 of it for this engine, 14 GiB already held by its weights, 66 GiB free
+    assert kv_budget_bytes(80 * gib, 66 * gib, 14 * gib, 0.9) == 58 * gib
+    # someone else filled the device: never more than is free
+    assert kv_budget_bytes(80 * gib, 10 * gib, 14 * gib, 0.9) == 10 * gib
+    assert kv_budget_bytes(80 * gib, 66 * gib, 79 * gib, 0.9) == 0
+
+
+def test_memory_bytes_sleep_and_wake(llama, tokenizer):
+    engine = make_engine(llama, tokenizer)
+    try:
+        from engine.llm.runner import kv_bytes_per_token
+
+        (size,) = engine.memory_bytes().values()
+        per_token = kv_bytes_per_token(llama, torch.float32)
+        assert size >= engine.stats()["num_total_blocks"] * engine.config.block_size * per_token
+        prompt = random_prompts(1, len(tokenizer), seed=25, lengths=(40, 40))[0]
+        run_all(engine, [GenerationRequest("before", prompt, greedy(4))])
+        engine.sleep()
+        assert engine.memory_bytes() == {}
+        with pytest.raises(ModelUnavailable):
+            run_all(engine, [GenerationRequest("asleep", prompt, greedy(4))])
+        engine.wake()
+        after = run_all(engine, [GenerationRequest("after", prompt, greedy(4))])[0][0]
+        assert tokens_of(after) == reference_greedy(llama, prompt, 4)
+        assert engine.stats()["prefix_cache_hit_tokens"] == 0  # the cache started empty again
+        assert_all_blocks_free(engine)
+    finally:
+        engine.close()

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from engine.llm.constraints import ForcedTokens
-from engine.llm.sampler import sample
+from engine.llm.sampler import PenaltyState, SamplerState, process_logits, sample
 from engine.llm.sequence import Sequence
 from engine.llm.types import SamplingParams
+from tests.llm_fixtures import NothingAllowed
 
 V = 8
 
@@ -74,27 +75,49 @@ def test_min_p_drops_tokens_below_a_share_of_the_best():
     assert torch.allclose(freq[0, allowed], probs[allowed] / probs[allowed].sum(), atol=0.04)
 
 
+def processed(seqs, penalties=None):
+    logits = LOGITS.repeat(len(seqs), 1)
+    process_logits(logits, seqs, penalties or PenaltyState(V, torch.device("cpu")))
+    return logits
+
+
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
-    s = seq(prompt=(0,), output=(5,), repetition_penalty=2.0, temperature=0.0, logprobs=V)
-    result = sample(LOGITS[None].clone(), [s])
-    processed = LOGITS.clone()
-    processed[0] = 3.0 / 2.0
-    processed[5] = -1.0 * 2.0
-    expected = processed.log_softmax(-1)
-    _, top = result.logprobs[0]
-    assert dict(top) == pytest.approx({i: expected[i].item() for i in range(V)}, abs=1e-5)
-    assert result.token_ids == [1]  # token 0 (3.0 -> 1.5) lost to token 1 (2.0)
+    s = seq(prompt=(0,), output=(5,), repetition_penalty=2.0, temperature=0.0)
+    expected = LOGITS.clone()
+    expected[0] = 3.0 / 2.0
+    expected[5] = -1.0 * 2.0
+    assert torch.allclose(processed([s])[0], expected)
+    assert sample(LOGITS[None].clone(), [s]).token_ids == [1]  # token 0 (3.0 -> 1.5) lost to token 1 (2.0)
 
 
 def test_presence_and_frequency_penalties_count_output_tokens_only():
-    s = seq(prompt=(3, 3, 3), output=(0, 0, 1), presence_penalty=0.5, frequency_penalty=1.0,
-            temperature=0.0, logprobs=V)
-    result = sample(LOGITS[None].clone(), [s])
-    processed = LOGITS.clone()
-    processed[0] -= 2 * 1.0 + 0.5
-    processed[1] -= 1 * 1.0 + 0.5
-    expected = processed.log_softmax(-1)
-    assert dict(result.logprobs[0][1]) == pytest.approx({i: expected[i].item() for i in range(V)}, abs=1e-5)
+    s = seq(prompt=(3, 3, 3), output=(0, 0, 1), presence_penalty=0.5, frequency_penalty=1.0, temperature=0.0)
+    expected = LOGITS.clone()
+    expected[0] -= 2 * 1.0 + 0.5
+    expected[1] -= 1 * 1.0 + 0.5
+    assert torch.allclose(processed([s])[0], expected)
+
+
+def test_penalty_counts_follow_sampled_tokens_and_free_rows_are_clean():
+    sampler_state = SamplerState(V, torch.device("cpu"))
+    state = sampler_state.penalties
+    a = seq(prompt=(3,), frequency_penalty=1.0, temperature=0.0)
+    plain = seq(temperature=0.0)
+    for _ in range(3):  # greedy picks token 0 each time; its count grows step by step
+        token = sample(LOGITS.repeat(2, 1), [a, plain], state=sampler_state).token_ids[0]
+        a.token_ids.append(token)
+    assert a.output_token_ids == [0, 0, 1]
+    expected = LOGITS.clone()
+    expected[0] -= 2.0
+    expected[1] -= 1.0
+    assert torch.allclose(processed([a], state)[0], expected)
+    row = state.rows[a]
+    state.release(a)
+    assert state.counts[row].sum() == 0 and not state.seen_prompt[row].any()
+    b = seq(prompt=(5,), output=(2,), repetition_penalty=2.0, temperature=0.0)
+    processed([b], state)
+    assert state.rows[b] == row and state.counts[row, 2] == 1 and state.seen_prompt[row].tolist() == [
+        i == 5 for i in range(V)]
 
 
 def test_logit_bias_adds_to_chosen_tokens():
@@ -123,20 +146,54 @@ def test_seeded_rows_are_reproducible_whatever_the_neighbours():
     assert len(set(tokens(0))) > 1
 
 
-def test_logprobs_are_the_processed_distribution():
-    s = seq(temperature=2.0, top_k=2, logprobs=3)
-    result = sample(LOGITS[None].clone(), [s])
-    chosen, top = result.logprobs[0]
-    expected = (LOGITS[:2] / 2.0).log_softmax(-1)
-    assert [t for t, _ in top[:2]] == [0, 1]
-    assert [lp for _, lp in top[:2]] == pytest.approx(expected.tolist(), abs=1e-5)
-    assert top[2][1] == -math.inf
-    assert chosen == pytest.approx(expected[result.token_ids[0]].item(), abs=1e-5)
+def test_logprobs_are_the_models_distribution_before_filtering():
+    expected = LOGITS.log_softmax(-1)
+    for s in (seq(temperature=2.0, top_k=2, logprobs=3), seq(temperature=0.7, top_p=0.5, min_p=0.2, logprobs=3),
+              seq(temperature=1.0, constraint=ForcedTokens([6]), logprobs=3)):
+        result = sample(LOGITS[None].clone(), [s])
+        chosen, top = result.logprobs[0]
+        assert [t for t, _ in top] == [0, 1, 2]
+        assert [lp for _, lp in top] == pytest.approx(expected[:3].tolist(), abs=1e-5)
+        assert chosen == pytest.approx(expected[result.token_ids[0]].item(), abs=1e-5)
+    assert sample(LOGITS[None].clone(), [seq(constraint=ForcedTokens([6]), logprobs=0)]).token_ids == [6]
+
+
+def test_logprobs_are_always_finite():
+    logits = LOGITS.clone()
+    logits[4:] = -math.inf  # e.g. a model that masks tokens itself
+    result = sample(logits[None].clone(), [seq(temperature=0.0, logprobs=V)])
+    assert all(math.isfinite(lp) for _, lp in result.logprobs[0][1])
     assert sample(LOGITS[None].clone(), [seq(logprobs=0)]).logprobs[0][1] == []
     assert sample(LOGITS[None].clone(), [seq()]).logprobs == [None]
+
+
+def test_a_constraint_that_allows_nothing_fails_only_its_row():
+    rows = [seq(temperature=0.0), seq(constraint=NothingAllowed(), temperature=0.0),
+            seq(temperature=1.0, seed=3, logprobs=1)]
+    result = sample(LOGITS.repeat(3, 1), rows)
+    assert result.token_ids[0] == 0 and set(result.errors) == {1}
+    assert "allows no token" in result.errors[1]
+    assert result.logprobs[2] is not None and math.isfinite(result.logprobs[2][0])
 
 
 def test_constraint_mask_applies_to_its_row_only():
     forced = seq(constraint=ForcedTokens([6, 7]), temperature=0.0)
     free = seq(temperature=0.0)
     assert sample(LOGITS.repeat(2, 1), [forced, free]).token_ids == [6, 0]
+
+
+def test_grammar_rows_are_masked_in_one_batch_next_to_free_rows(tokenizer):
+    from engine.llm.grammar import constraint_factory
+
+    factory = constraint_factory(tokenizer, {"type": "json_object"}, None, None)
+    vocab = len(tokenizer) + 3  # an lm_head padded past the tokenizer
+    logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(0))
+    logits[:, len(tokenizer):] = 100.0  # padding ids would win if they were not masked
+    rows = [seq(constraint=factory(0), temperature=0.0), seq(temperature=0.0),
+            seq(constraint=factory(1), temperature=1.0, seed=1), seq(constraint=ForcedTokens([5]), temperature=0.0)]
+    allowed = factory(2).allowed_token_mask(vocab)
+    result = sample(logits.clone(), rows)
+    assert not result.errors
+    assert allowed[result.token_ids[0]] and allowed[result.token_ids[2]]
+    assert result.token_ids[1] >= len(tokenizer)  # the free row is untouched
+    assert result.token_ids[3] == 5

@@ -105,6 +105,27 @@ def test_chunked_prefill_keeps_decodes_running():
     assert seen == [9, 18, 27, 30]
 
 
+def test_a_higher_priority_prefill_never_stalls_running_decodes():
+    bm = BlockManager(num_blocks=100, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=10)
+    low = seq(range(3), priority=5)
+    sched.add(low)
+    sched.schedule()
+    low.num_computed_tokens += 3
+    low.token_ids.append(7)
+    urgent = seq(range(40), priority=0)
+    sched.add(urgent)
+    for _ in range(5):
+        batch = sched.schedule()
+        assert low in batch.seqs and batch.num_tokens[batch.seqs.index(low)] == 1
+        assert sum(batch.num_tokens) <= 10
+        for s, n in zip(batch.seqs, batch.num_tokens):
+            s.num_computed_tokens += n
+            if s.num_computed_tokens == s.num_tokens:
+                s.token_ids.append(7)
+    assert urgent.num_computed_tokens == 40
+
+
 def test_max_num_seqs_and_priority_order_admission():
     bm = BlockManager(num_blocks=100, block_size=4)
     sched = Scheduler(bm, max_num_seqs=2, max_num_batched_tokens=100)

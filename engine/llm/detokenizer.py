@@ -6,6 +6,10 @@ space). So each step decodes a short window twice, with and without the newest t
 the difference only once it no longer ends in U+FFFD (an incomplete character). The window starts
 with a few prompt tokens so the first output token is decoded in context.
 
+At the end, `pop_text(final=True)` flushes the held-back tokens too, so the whole output equals
+`tokenizer.decode(output ids)` even when the last token stops mid-character (the tokenizer's own
+replacement characters included).
+
 Stop strings: text that could still be the beginning of a stop string is held back; once a stop
 string appears, the output is cut just before it and the choice finishes with "stop".
 """
@@ -65,8 +69,21 @@ class IncrementalDetokenizer:
                 return n
         return 0
 
+    def _flush(self) -> None:
+        """Decode the tokens still held back for an incomplete character, as the tokenizer would."""
+        if self.read_offset >= len(self.tokens) or self.stopped:
+            return
+        prefix_text = self._decode(self.tokens[self.prefix_offset:self.read_offset])
+        full_text = self._decode(self.tokens[self.prefix_offset:])
+        self.tokens = self.tokens[self.read_offset:]
+        self.prefix_offset, self.read_offset = 0, len(self.tokens)
+        if len(full_text) > len(prefix_text):
+            self._append(full_text[len(prefix_text):], check_stop=False)
+
     def pop_text(self, final: bool = False) -> str:
         """Text that is safe to hand out now; everything left when `final`."""
+        if final:
+            self._flush()
         end = len(self.text) if (final or self.stopped) else len(self.text) - self._held_back()
         out = self.text[self.emitted:end]
         self.emitted = max(self.emitted, end)

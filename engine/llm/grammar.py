@@ -88,6 +88,15 @@ class GrammarConstraint:
             mask[:n] &= self.safe_tokens[:n]
         return mask
 
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> bool:
+        """Write this step's allowed tokens into `row` of a batch bitmask (xgrammar's packed int32
+        layout, `grammar_vocab` wide), so the sampler masks every constrained row in one call.
+        False when nothing is restricted (the grammar has terminated)."""
+        if self.matcher.is_terminated():
+            return False
+        self.matcher.fill_next_token_bitmask(bitmask, row)
+        return True
+
     def accept(self, token_id: int) -> None:
         if not self.matcher.accept_token(token_id):
             raise ValueError(f"token {token_id} does not fit the output grammar")

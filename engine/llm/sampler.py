@@ -1,18 +1,29 @@
 """Turns a step's logits into next tokens, one row per sequence, each row with its own settings.
 
 Order of processing (every step is a vectorised op over the rows that need it):
-  repetition penalty (prompt + output, transformers' definition), presence/frequency penalties
-  (output only, OpenAI's definition), logit_bias, suppression of stop tokens before
-  min_new_tokens, constraint masks; then greedy rows take the argmax, and sampled rows go through
-  temperature, top_k, top_p, min_p and an exponential race (argmax of p / Exp(1) noise, which draws
-  exactly `vocab` numbers per row from that row's generator). A seeded request therefore gets the
-  same tokens whatever else is in the batch. Logprobs are the log-softmax of the processed
-  distribution the token was drawn from.
+  logprobs of the model's own distribution (before anything below changes it), repetition
+  penalty (prompt + output, transformers' definition), presence/frequency penalties (output only,
+  OpenAI's definition), logit_bias, suppression of stop tokens before min_new_tokens, constraint
+  masks (one batched apply for all constrained rows); then greedy rows take the argmax, and
+  sampled rows go through temperature, top_k/top_p (only the rows that ask are sorted), min_p and
+  inverse-CDF sampling (one uniform number per row, drawn from that row's own generator when it is
+  seeded: a seeded request gets the same tokens whatever else is in the batch). One uniform per
+  row instead of an exponential race's `vocab` random numbers per row: random numbers dominated
+  the sampler's time on CPU.
+
+State kept across steps (`SamplerState`): every sequence's numeric settings in one persistent
+table (`SettingsTable`, written when it first samples, read with one gather per step), and for
+penalised sequences their token counts (`PenaltyState`: one persistent row each, filled from the
+prompt when it joins and bumped by one batched scatter per step, so a step costs the same whatever
+the context length). The engine core releases a sequence's rows when it finishes.
+
+A row whose constraint allows no token fails alone: `SampleResult.errors` names it, its token is
+meaningless, and the other rows sample as usual.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,6 +31,8 @@ from engine.llm.sequence import Sequence
 
 NEG_INF = float("-inf")
 GREEDY_EPS = 1e-5
+# Logprobs handed out are always finite: JSON has no -Infinity.
+MIN_LOGPROB = -9999.0
 
 
 @dataclass
@@ -27,39 +40,146 @@ class SampleResult:
     token_ids: list[int]
     # per row: None, or (logprob of the chosen token, [(token_id, logprob)] top alternatives)
     logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+    errors: dict[int, str] = field(default_factory=dict)  # row -> why that row could not sample
 
 
-def _token_matrix(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
-    """Padded [rows, max_len] ids; padding is `vocab`, one column past the real vocabulary."""
-    width = max((len(t) for t in token_lists), default=0)
-    padded = [t + [vocab] * (width - len(t)) for t in token_lists]
-    return torch.tensor(padded, dtype=torch.long, device=device).view(len(token_lists), width)
+def _needs_penalties(seq: Sequence) -> bool:
+    p = seq.params
+    return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
 
 
-def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
-    vocab = logits.shape[1]
-    rep = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0]
-    if rep:
-        ids = _token_matrix([seqs[i].token_ids for i in rep], vocab, logits.device)
-        seen = torch.zeros(len(rep), vocab + 1, dtype=torch.bool, device=logits.device)
-        seen.scatter_(1, ids, True)
-        seen = seen[:, :vocab]
-        penalty = torch.tensor([seqs[i].params.repetition_penalty for i in rep], device=logits.device)[:, None]
-        sub = logits[rep]
-        penalised = torch.where(sub > 0, sub / penalty, sub * penalty)
-        logits[rep] = torch.where(seen, penalised, sub)
-    additive = [i for i, s in enumerate(seqs) if s.params.presence_penalty or s.params.frequency_penalty]
-    if additive:
-        ids = _token_matrix([seqs[i].output_token_ids for i in additive], vocab, logits.device)
-        counts = torch.zeros(len(additive), vocab + 1, device=logits.device)
-        counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))
-        counts = counts[:, :vocab]
-        presence = torch.tensor([seqs[i].params.presence_penalty for i in additive], device=logits.device)
-        frequency = torch.tensor([seqs[i].params.frequency_penalty for i in additive], device=logits.device)
-        logits[additive] -= frequency[:, None] * counts + presence[:, None] * (counts > 0)
+class PenaltyState:
+    """Token counts of penalised sequences, one persistent row each (allocated on first use,
+    returned by `release`). `seen_prompt` marks prompt tokens (repetition penalty looks at the
+    prompt too); `counts` counts output tokens."""
+
+    def __init__(self, vocab: int, device: torch.device):
+        self.vocab = vocab
+        self.device = device
+        self.counts = torch.zeros(0, vocab, dtype=torch.float32, device=device)
+        self.seen_prompt = torch.zeros(0, vocab, dtype=torch.bool, device=device)
+        self.free_rows: list[int] = []
+        self.rows: dict[Sequence, int] = {}
+
+    @torch.inference_mode()
+    def row(self, seq: Sequence) -> int:
+        if seq in self.rows:
+            return self.rows[seq]
+        if not self.free_rows:
+            grow = max(8, self.counts.shape[0])
+            start = self.counts.shape[0]
+            self.counts = torch.cat([self.counts, self.counts.new_zeros(grow, self.vocab)])
+            self.seen_prompt = torch.cat([self.seen_prompt, self.seen_prompt.new_zeros(grow, self.vocab)])
+            self.free_rows.extend(range(start + grow - 1, start - 1, -1))
+        row = self.free_rows.pop()
+        prompt = torch.tensor([t for t in seq.token_ids[:seq.num_prompt_tokens] if t < self.vocab],
+                              dtype=torch.long, device=self.device)
+        self.seen_prompt[row].index_fill_(0, prompt, True)
+        output = torch.tensor([t for t in seq.output_token_ids if t < self.vocab], dtype=torch.long,
+                              device=self.device)
+        self.counts[row].index_add_(0, output, torch.ones(len(output), device=self.device))
+        self.rows[seq] = row
+        return row
+
+    @torch.inference_mode()
+    def release(self, seq: Sequence) -> None:
+        row = self.rows.pop(seq, None)
+        if row is None:
+            return
+        self.counts[row].zero_()
+        self.seen_prompt[row].zero_()
+        self.free_rows.append(row)
+
+    @torch.inference_mode()
+    def record(self, seqs: list[Sequence], token_ids: list[int]) -> None:
+        """Count this step's sampled tokens for the penalised sequences (one scatter)."""
+        pairs = [(self.rows[s], t) for s, t in zip(seqs, token_ids) if s in self.rows and t < self.vocab]
+        if pairs:
+            index = torch.tensor(pairs, dtype=torch.long, device=self.device)
+            self.counts.index_put_((index[:, 0], index[:, 1]), torch.ones(len(pairs), device=self.device),
+                                   accumulate=True)
 
 
-def apply_bias_and_masks(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+# Columns of SettingsTable, per sequence. Values that switch a filter off: top_k = vocab,
+# top_p = 2, min_p = 0; greedy rows get temperature 1 and no filters (they take the argmax).
+TEMPERATURE, TOP_K, TOP_P, MIN_P, GREEDY, REPETITION, PRESENCE, FREQUENCY = range(8)
+
+
+class SettingsTable:
+    """Every sampling sequence's numeric settings in one persistent tensor on the logits' device,
+    written once when the sequence first samples and read each step with one gather: a step
+    copies only the row ids to the device, not one small tensor per setting."""
+
+    def __init__(self, vocab: int, device: torch.device):
+        self.vocab = vocab
+        self.device = device
+        self.table = torch.zeros(0, 8, device=device)
+        self.rows: dict[Sequence, int] = {}
+        self.free_rows: list[int] = []
+
+    def _values(self, seq: Sequence) -> list[float]:
+        p = seq.params
+        greedy = p.temperature < GREEDY_EPS
+        top_k = p.top_k if 0 < p.top_k < self.vocab and not greedy else self.vocab
+        top_p = p.top_p if p.top_p < 1.0 and not greedy else 2.0
+        return [1.0 if greedy else p.temperature, top_k, top_p, 0.0 if greedy else p.min_p, float(greedy),
+                p.repetition_penalty, p.presence_penalty, p.frequency_penalty]
+
+    @torch.inference_mode()
+    def gather(self, seqs: list[Sequence]) -> torch.Tensor:
+        """[len(seqs), 8] settings, rows in `seqs` order."""
+        for seq in seqs:
+            if seq not in self.rows:
+                if not self.free_rows:
+                    start = self.table.shape[0]
+                    grow = max(8, start)
+                    self.table = torch.cat([self.table, self.table.new_zeros(grow, 8)])
+                    self.free_rows.extend(range(start + grow - 1, start - 1, -1))
+                row = self.rows[seq] = self.free_rows.pop()
+                self.table[row] = torch.tensor(self._values(seq), device=self.device)
+        index = torch.tensor([self.rows[s] for s in seqs], dtype=torch.long)
+        return self.table[index.to(self.device, non_blocking=True)]
+
+    def release(self, seq: Sequence) -> None:
+        row = self.rows.pop(seq, None)
+        if row is not None:
+            self.free_rows.append(row)
+
+
+class SamplerState:
+    """What the sampler keeps between steps for the sequences in flight; `release` a sequence
+    when it finishes."""
+
+    def __init__(self, vocab: int, device: torch.device):
+        self.settings = SettingsTable(vocab, device)
+        self.penalties = PenaltyState(vocab, device)
+
+    def release(self, seq: Sequence) -> None:
+        self.settings.release(seq)
+        self.penalties.release(seq)
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], state: PenaltyState,
+                    settings: torch.Tensor) -> None:
+    rows = [i for i, s in enumerate(seqs) if _needs_penalties(s)]
+    if not rows:
+        return
+    slots = torch.tensor([state.row(seqs[i]) for i in rows], dtype=torch.long, device=logits.device)
+    index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+    counts = state.counts[slots]
+    sub = logits[index]
+    cols = settings[index]
+    params = [seqs[i].params for i in rows]
+    if any(p.repetition_penalty != 1.0 for p in params):
+        penalty = cols[:, REPETITION:REPETITION + 1]
+        seen = state.seen_prompt[slots] | (counts > 0)
+        sub = torch.where(seen, torch.where(sub > 0, sub / penalty, sub * penalty), sub)
+    if any(p.presence_penalty or p.frequency_penalty for p in params):
+        sub = sub - cols[:, FREQUENCY:FREQUENCY + 1] * counts - cols[:, PRESENCE:PRESENCE + 1] * (counts > 0)
+    logits[index] = sub
+
+
+def apply_bias(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     vocab = logits.shape[1]
     for i, s in enumerate(seqs):
         if s.params.logit_bias:
@@ -67,13 +187,63 @@ def apply_bias_and_masks(logits: torch.Tensor, seqs: list[Sequence]) -> None:
             logits[i, ids] += torch.tensor([s.params.logit_bias[t] for t in ids], device=logits.device)
         if s.num_output_tokens < s.params.min_new_tokens and s.stop_token_ids:
             logits[i, [t for t in s.stop_token_ids if t < vocab]] = NEG_INF
-        if s.constraint is not None:
-            mask = s.constraint.allowed_token_mask(vocab)
-            if mask is not None:
-                mask = mask.to(logits.device)
-                if not bool(mask.any()):
-                    raise ValueError("the constraint allows no token")
-                logits[i].masked_fill_(~mask, NEG_INF)
+
+
+def apply_constraints(logits: torch.Tensor, seqs: list[Sequence]) -> dict[int, str]:
+    """Mask every constrained row at once, built on the host (no device sync per row): grammar
+    constraints fill one packed bitmask applied by xgrammar in one call; other constraints give
+    bool masks applied in one masked_fill. A row whose constraint allows nothing is reported, not
+    raised."""
+    vocab = logits.shape[1]
+    bool_rows: list[int] = []
+    masks: list[torch.Tensor] = []
+    bit_rows: list[int] = []
+    bitmask: torch.Tensor | None = None
+    bitmask_vocab = 0
+    errors: dict[int, str] = {}
+    for i, s in enumerate(seqs):
+        c = s.constraint
+        if c is None:
+            continue
+        try:
+            if hasattr(c, "fill_bitmask") and (bitmask is None or c.grammar_vocab == bitmask_vocab):
+                if bitmask is None:
+                    import xgrammar as xgr
+
+                    bitmask_vocab = c.grammar_vocab
+                    bitmask = xgr.allocate_token_bitmask(len(seqs), bitmask_vocab)
+                if c.fill_bitmask(bitmask, i):
+                    if not bool(bitmask[i].any()):
+                        errors[i] = "ValueError: the constraint allows no token"
+                    else:
+                        bit_rows.append(i)
+                continue
+            mask = c.allowed_token_mask(vocab)
+        except Exception as exc:  # noqa: BLE001 - a broken constraint fails its own row
+            errors[i] = f"{type(exc).__name__}: {exc}"
+            continue
+        if mask is None:
+            continue
+        if not bool(mask.any()):  # a host tensor: no device round trip
+            errors[i] = "ValueError: the constraint allows no token"
+            continue
+        bool_rows.append(i)
+        masks.append(mask)
+    if bool_rows:
+        allowed = torch.stack(masks).to(logits.device, non_blocking=True)
+        index = torch.tensor(bool_rows, dtype=torch.long, device=logits.device)
+        logits[index] = logits[index].masked_fill(~allowed, NEG_INF)
+    if bit_rows:
+        import xgrammar as xgr
+
+        width = min(vocab, bitmask_vocab)
+        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
+                                        indices=bit_rows, vocab_size=width)
+        if vocab > width:  # an lm_head padded past the tokenizer: those ids are never allowed
+            logits[bit_rows, width:] = NEG_INF
+    if errors:  # keep the failed rows finite so the batch's softmax stays clean
+        logits[list(errors)] = 0.0
+    return errors
 
 
 def top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
@@ -97,66 +267,95 @@ def min_p_filter(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, NEG_INF)
 
 
-def exponential_noise(shape: tuple[int, int], seqs: list[Sequence], device: torch.device,
-                      generator: torch.Generator | None) -> torch.Tensor:
-    noise = torch.empty(shape, device=device).exponential_(generator=generator)
+def uniforms(seqs: list[Sequence], device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    """One U[0, 1) number per row; a seeded row draws its own from its generator."""
+    u = torch.rand(len(seqs), 1, device=device, dtype=torch.float64, generator=generator)
     for i, s in enumerate(seqs):
         if s.generator is not None:
-            noise[i].exponential_(generator=s.generator)
-    return noise
+            u[i] = torch.rand(1, device=device, dtype=torch.float64, generator=s.generator)
+    return u
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The token whose cumulative-probability interval holds u (tokens of probability 0 have an
+    empty interval and are never chosen); float64 sums keep large vocabularies unbiased."""
+    cdf = probs.to(torch.float64).cumsum_(dim=-1)
+    picks = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0]
+    return picks.clamp_(max=probs.shape[1] - 1)
+
+
+def _filter_rows(processed: torch.Tensor, params, greedy: list[bool], settings: torch.Tensor) -> torch.Tensor:
+    """top_k/top_p on the rows that ask for them (only those are sorted), then min_p."""
+    vocab = processed.shape[1]
+    rows = [i for i, (p, g) in enumerate(zip(params, greedy))
+            if not g and (0 < p.top_k < vocab or p.top_p < 1.0)]
+    if rows:
+        index = torch.tensor(rows, dtype=torch.long, device=processed.device)
+        cols = settings[index]
+        processed[index] = top_k_top_p(
+            processed[index],
+            cols[:, TOP_K] if any(0 < params[i].top_k < vocab for i in rows) else None,
+            cols[:, TOP_P] if any(params[i].top_p < 1.0 for i in rows) else None,
+        )
+    if any(p.min_p > 0 and not g for p, g in zip(params, greedy)):
+        processed = min_p_filter(processed, settings[:, MIN_P])
+    return processed
+
+
+def process_logits(logits: torch.Tensor, seqs: list[Sequence], penalties: PenaltyState,
+                   settings: torch.Tensor | None = None) -> dict[int, str]:
+    """Penalties, logit_bias, min_new_tokens and constraint masks, in place; returns per-row errors."""
+    if settings is None:
+        settings = SettingsTable(logits.shape[1], logits.device).gather(seqs)
+    apply_penalties(logits, seqs, penalties, settings)
+    apply_bias(logits, seqs)
+    return apply_constraints(logits, seqs)
 
 
 @torch.inference_mode()
-def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator | None = None) -> SampleResult:
-    """logits: float32 [rows, vocab], modified in place."""
+def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator | None = None,
+           state: SamplerState | None = None) -> SampleResult:
+    """logits: float32 [rows, vocab], modified in place. Without a `state` (one-off calls), the
+    sequences are treated as new."""
     device = logits.device
-    apply_penalties(logits, seqs)
-    apply_bias_and_masks(logits, seqs)
     params = [s.params for s in seqs]
+    lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    raw_logprobs = logits[lp_rows].log_softmax(dim=-1) if lp_rows else None
+    state = state or SamplerState(logits.shape[1], device)
+    settings = state.settings.gather(seqs)
+    errors = process_logits(logits, seqs, state.penalties, settings)
     greedy = [p.temperature < GREEDY_EPS for p in params]
 
     if all(greedy):
-        processed = logits
         tokens = logits.argmax(dim=-1)
     else:
-        temperature = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], device=device)
-        processed = logits / temperature[:, None]
-        vocab = logits.shape[1]
-        ks = [p.top_k if (p.top_k > 0 and not g) else vocab for p, g in zip(params, greedy)]
-        ps = [p.top_p if (p.top_p < 1.0 and not g) else 2.0 for p, g in zip(params, greedy)]
-        if any(k < vocab for k in ks) or any(p < 1.0 for p in ps):
-            processed = top_k_top_p(
-                processed,
-                torch.tensor(ks, device=device) if any(k < vocab for k in ks) else None,
-                torch.tensor(ps, device=device) if any(p < 1.0 for p in ps) else None,
-            )
-        min_ps = [0.0 if g else p.min_p for p, g in zip(params, greedy)]
-        if any(m > 0 for m in min_ps):
-            processed = min_p_filter(processed, torch.tensor(min_ps, device=device))
-        probs = processed.softmax(dim=-1)
-        noise = exponential_noise(tuple(probs.shape), seqs, device, generator)
-        sampled = (probs / noise).argmax(dim=-1)
-        greedy_mask = torch.tensor(greedy, device=device)
-        tokens = torch.where(greedy_mask, logits.argmax(dim=-1), sampled)
+        processed = _filter_rows(logits / settings[:, TEMPERATURE:TEMPERATURE + 1], params, greedy, settings)
+        sampled = inverse_cdf(processed.softmax(dim=-1), uniforms(seqs, device, generator))
+        tokens = torch.where(settings[:, GREEDY] > 0, logits.argmax(dim=-1), sampled)
 
     token_ids = tokens.tolist()
-    return SampleResult(token_ids, _logprobs(processed, token_ids, params))
+    state.penalties.record(seqs, token_ids)
+    return SampleResult(token_ids, _logprobs(raw_logprobs, lp_rows, token_ids, params), errors)
 
 
-def _logprobs(processed: torch.Tensor, token_ids: list[int], params) -> list:
-    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+def top_logprobs(logprobs: torch.Tensor, chosen_ids: list[int], top_n: int
+                 ) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """For each row of a [rows, vocab] log-softmax: the chosen token's logprob and the top_n
+    alternatives, clamped finite."""
+    logprobs = logprobs.nan_to_num(nan=MIN_LOGPROB).clamp_(min=MIN_LOGPROB)
+    chosen = logprobs.gather(1, torch.tensor(chosen_ids, device=logprobs.device)[:, None])[:, 0].tolist()
+    if not top_n:
+        return chosen, [[] for _ in chosen_ids]
+    values, ids = logprobs.topk(top_n, dim=-1)
+    return chosen, [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+
+
+def _logprobs(raw: torch.Tensor | None, rows: list[int], token_ids: list[int], params) -> list:
     out: list = [None] * len(params)
-    if not rows:
+    if raw is None:
         return out
-    logprobs = processed[rows].log_softmax(dim=-1)
     top_n = max(params[i].logprobs for i in rows)
-    top_values, top_ids = (logprobs.topk(top_n, dim=-1) if top_n else (None, None))
-    chosen = logprobs.gather(1, torch.tensor([[token_ids[i]] for i in rows], device=processed.device))
-    chosen = chosen[:, 0].tolist()
-    top_values = top_values.tolist() if top_n else None
-    top_ids = top_ids.tolist() if top_n else None
+    chosen, tops = top_logprobs(raw, [token_ids[i] for i in rows], top_n)
     for j, i in enumerate(rows):
-        n = params[i].logprobs
-        top = list(zip(top_ids[j][:n], top_values[j][:n])) if n else []
-        out[i] = (chosen[j], top)
+        out[i] = (chosen[j], tops[j][:params[i].logprobs])
     return out

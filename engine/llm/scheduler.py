@@ -1,9 +1,9 @@
 """Which sequences run in the next forward pass, and how many tokens each.
 
 Every step has a token budget (max_num_batched_tokens) and a sequence cap (max_num_seqs). Running
-sequences are served first, most important first: a decode costs one token, an unfinished prefill
-takes what is left of the budget (chunked prefill), so a long prompt never stalls running decodes
-for more than one chunk. Then waiting sequences are admitted in (priority, arrival) order while
+decodes are served first (one token each, most important first), then unfinished prefills take
+what is left of the budget (chunked prefill), most important first: a long prompt, whatever its
+priority, never stalls a running decode. Then waiting sequences are admitted in (priority, arrival) order while
 budget, seat and KV blocks last. When a running sequence needs a block and none is free, the least
 important running sequence is preempted: its blocks are freed and it goes back to the waiting queue
 to be recomputed later (with prefix caching, often from its own cached blocks). Nothing fails for
@@ -70,7 +70,8 @@ class Scheduler:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         self.running.sort(key=lambda s: s.sort_key)
-        for seq in list(self.running):
+        decodes_first = sorted(self.running, key=lambda s: s.num_tokens - s.num_computed_tokens > 1)
+        for seq in decodes_first:
             if budget == 0:
                 break
             if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
@@ -104,7 +105,7 @@ class Scheduler:
             if seq.status is not SeqStatus.WAITING:
                 heapq.heappop(self.waiting)
                 continue
-            if not self.bm.allocate(seq, budget, reserve=self.admission_reserve_blocks if self.running else 0):
+            if not self._allocate_admission(seq, budget):
                 break
             heapq.heappop(self.waiting)
             self.num_waiting -= 1
@@ -114,3 +115,14 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_tokens.append(n)
             budget -= n
+
+    def _allocate_admission(self, seq: Sequence, budget: int) -> bool:
+        reserve = self.admission_reserve_blocks if self.running else 0
+        if not seq.needs_prompt_rows:
+            return self.bm.allocate(seq, budget, reserve=reserve)
+        # Prompt logprobs need every prompt row computed: no prefix-cache hits for this one.
+        lookup, self.bm.enable_prefix_caching = self.bm.enable_prefix_caching, False
+        try:
+            return self.bm.allocate(seq, budget, reserve=reserve)
+        finally:
+            self.bm.enable_prefix_caching = lookup

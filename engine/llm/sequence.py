@@ -1,7 +1,8 @@
 """Per-choice state: one `Sequence` per completion the engine is producing.
 
 A request with n choices becomes n sequences. The scheduler, block manager, runner and sampler
-all work on sequences; only the engine knows about requests and their asyncio queues.
+all work on sequences; only the engine core knows about requests. Text (detokenization, stop
+strings) is not kept here: it belongs to the output side (output.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import torch
 
 if TYPE_CHECKING:
     from engine.llm.constraints import Constraint
-    from engine.llm.detokenizer import IncrementalDetokenizer
     from engine.llm.types import FinishReason, SamplingParams
 
 
@@ -44,8 +44,16 @@ class Sequence:
     stop_token_ids: frozenset[int] = frozenset()
     generator: torch.Generator | None = None
     constraint: Constraint | None = None
-    detokenizer: IncrementalDetokenizer | None = None
     finish_reason: FinishReason | None = None
+    # Prompt logprobs being gathered (choice 0 of a request that asked): one entry per prompt
+    # token, None for the first; filled chunk by chunk, handed out once the prompt is computed.
+    prompt_logprobs: list | None = None
+
+    @property
+    def needs_prompt_rows(self) -> bool:
+        """True while every prompt row must be computed (prompt logprobs still being gathered):
+        such a sequence does not take prefix-cache hits."""
+        return self.prompt_logprobs is not None and self.num_computed_tokens < self.num_prompt_tokens
 
     @property
     def num_tokens(self) -> int:

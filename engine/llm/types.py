@@ -31,6 +31,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; N >= 0: chosen token plus top-N alternatives
+    # None: off; N >= 0: the logprob of every prompt token given its prefix, plus top-N
+    # alternatives, on each choice's first delta. Makes max_new_tokens == 0 valid (score only).
+    prompt_logprobs: int | None = None
     n: int = 1  # completions sampled from one shared prompt
 
 
@@ -71,3 +74,6 @@ class GenerationDelta:
     error: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0  # total so far for this choice
+    # Only on each choice's first delta, when SamplingParams.prompt_logprobs is set: one entry per
+    # prompt token (None for the first, which has no prefix to be predicted from).
+    prompt_logprobs: list[TokenLogprob | None] | None = None

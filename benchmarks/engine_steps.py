@@ -1,0 +1,105 @@
+"""Where an LLM engine step's time goes, without HTTP: forward pass, sampling, the rest of the step.
+
+Runs `--concurrency` requests at once through LLMEngine on the offline benchmark's CPU model
+(hidden 512, 8 layers, vocab 32k) and times, on the step thread, the runner's forward pass, the
+sampler and the whole step; decode-only steps are reported apart. The consumer side (the
+event loop turning ids into deltas) is timed too. Figures on a shared machine are noisy.
+
+    python -m benchmarks.engine_steps --concurrency 64 --prompt 256 --output 128
+    python -m benchmarks.engine_steps --prompt 1024 --sampling   # temperature, top_p, penalties
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.offline_llm import build_model, build_tokenizer, make_workload  # noqa: E402
+
+
+def timed(record: list, fn):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            record.append(time.perf_counter() - start)
+    return wrapper
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--prompt", type=int, default=256)
+    parser.add_argument("--output", type=int, default=128)
+    parser.add_argument("--sampling", action="store_true", help="temperature 0.8, top_p 0.9, repetition 1.1")
+    args = parser.parse_args()
+
+    import torch
+
+    from engine.llm.engine import LLMEngine, LLMEngineConfig
+    from engine.llm.types import GenerationRequest, SamplingParams
+
+    torch.manual_seed(0)
+    model = build_model("cpu")
+    tokenizer = build_tokenizer(model.config.vocab_size)
+    engine = LLMEngine(model, tokenizer, LLMEngineConfig(kv_cache_bytes=1024 * 2**20, max_num_seqs=args.concurrency,
+                                                         max_num_batched_tokens=2048))
+    # The step loop lives on the engine core where there is one, else on the engine itself.
+    loop_owner = getattr(engine, "core", engine)
+    caller = importlib.import_module(type(loop_owner).__module__)
+    forward, sampling, steps, decode_steps = [], [], [], []
+    runner = engine.runner
+    runner.execute = timed(forward, runner.execute)
+    caller.sample = timed(sampling, caller.sample)
+    real_step = loop_owner._step
+
+    def step():
+        decode = all(s.num_computed_tokens > 0 for s in engine.scheduler.running) and not engine.scheduler.num_waiting
+        before = (len(forward), len(sampling))
+        start = time.perf_counter()
+        real_step()
+        elapsed = time.perf_counter() - start
+        (decode_steps if decode else steps).append((elapsed, sum(forward[before[0]:]), sum(sampling[before[1]:])))
+
+    loop_owner._step = step
+    work = make_workload(args.concurrency, 0, model.config.vocab_size, (args.prompt, args.prompt),
+                         (args.output, args.output))
+    async def one(i, prompt, n):
+        params = SamplingParams(max_new_tokens=n, ignore_eos=True, temperature=0.0)
+        if args.sampling:
+            params = SamplingParams(max_new_tokens=n, ignore_eos=True, temperature=0.8, top_p=0.9,
+                                    repetition_penalty=1.1, seed=i)
+        async for _ in engine.generate(GenerationRequest(f"r{i}", prompt, params)):
+            pass
+
+    async def run():
+        await asyncio.gather(*(one(i, p, n) for i, (p, n) in enumerate(work)))
+
+    start = time.perf_counter()
+    asyncio.run(run())
+    wall = time.perf_counter() - start
+    engine.close()
+
+    def per_step(records):
+        if not records:
+            return {}
+        step, fwd, smp = (1000 * statistics.mean(r[k] for r in records) for k in range(3))
+        return {"steps": len(records), "step_ms": step, "forward_ms": fwd, "sample_ms": smp,
+                "rest_ms": step - fwd - smp}
+
+    report = {"args": vars(args), "wall_s": wall, "output_tok_s": args.concurrency * args.output / wall,
+              "decode_steps": per_step(decode_steps), "other_steps": per_step(steps)}
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,424 @@
+"""The engine core: the step loop, and nothing that is text.
+
+One step: schedule -> runner (one forward pass) -> sampler -> append ids and check what ends a
+choice at the token level (stop token ids, a finished constraint, max_new_tokens, max_model_len)
+-> hand each request's `CoreOutput`s to its consumer. Detokenization, stop strings, logprob text
+and delta building happen on the consumer side (output.py); when a stop string ends a choice
+there, the consumer calls `finish_choice` and the core frees that choice's blocks at its next step.
+
+The loop runs in one background thread. It talks to the rest of the process through two channels
+only: the inbox (requests, aborts, finished choices; a deque plus an Event to wake the loop) and,
+per request, an asyncio queue filled through `loop.call_soon_threadsafe` once per step. All
+scheduler, block and sequence state is touched by the loop thread alone.
+
+An exception in the forward pass fails the requests in that step; a row that cannot sample (a
+constraint that allows nothing, a token the constraint refuses) fails its own request only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import logging
+import threading
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from engine.errors import InvalidInput, ModelUnavailable
+from engine.llm.scheduler import Scheduler
+from engine.llm.sampler import SamplerState, sample, top_logprobs
+from engine.llm.sequence import Sequence
+from engine.llm.types import FinishReason, GenerationRequest
+
+logger = logging.getLogger("ember.llm")
+
+RawLogprob = tuple[float, list[tuple[int, float]]]  # (chosen logprob, [(token id, logprob)])
+
+
+@dataclass
+class CoreOutput:
+    """What one step produced for one choice: token ids and numbers, no text."""
+
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[RawLogprob] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    # The last token is a stop token id: it counts as output but its text is not shown.
+    hidden_last_token: bool = False
+    prompt_logprobs: list[RawLogprob | None] | None = None  # once per request, with choice 0
+
+
+@dataclass(eq=False)
+class CoreRequest:
+    request: GenerationRequest
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue  # receives list[CoreOutput] once per step
+    arrival: int = 0
+    seqs: list[Sequence] = field(default_factory=list)
+    done: set[int] = field(default_factory=set)  # choice indices that got their final output
+    forked: bool = False
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def n(self) -> int:
+        return self.request.params.n
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """An independent 63-bit seed per (request seed, choice index): choice 1 of seed s must not
+    replay choice 0 of seed s + 1."""
+    digest = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class EngineCore:
+    def __init__(self, runner, scheduler: Scheduler, *, eos_token_ids: frozenset[int], max_model_len: int,
+                 block_size: int, vocab_size: int):
+        self.runner = runner
+        self.scheduler = scheduler
+        self.eos_token_ids = eos_token_ids
+        self.max_model_len = max_model_len
+        self.block_size = block_size
+        self.sampler_state = SamplerState(vocab_size, runner.device)
+        self._generator = torch.Generator(device=runner.device)
+        self._generator.seed()
+
+        self._lock = threading.Lock()  # guards _active, _stopped and the inbox against shutdown
+        self._active: dict[str, CoreRequest] = {}
+        self._inbox: deque[tuple[str, Any]] = deque()
+        self._wake = threading.Event()
+        self._closing = False
+        self._stopped = False  # the loop has done its final drain: nothing more is accepted
+        self._next_seq_id = 0
+        self._next_arrival = 0
+        self.counters: defaultdict[str, int] = defaultdict(int)
+        self._pending: dict[CoreRequest, list[CoreOutput]] = {}  # this step's outputs
+        self._thread = threading.Thread(target=self._loop, name="ember-llm-engine", daemon=True)
+        self._thread.start()
+
+    # -- called from any thread ----------------------------------------------------------------
+
+    def add(self, state: CoreRequest) -> None:
+        """Queue a request. Raises ModelUnavailable once the core is shut down (never hangs)."""
+        with self._lock:
+            if self._closing or self._stopped:
+                raise ModelUnavailable("the LLM engine is shut down")
+            if state.request_id in self._active:
+                raise InvalidInput(f"request id {state.request_id!r} is already running", param="request_id")
+            self._active[state.request_id] = state
+            self._inbox.append(("add", state))
+        self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            state = self._active.get(request_id)
+        if state is not None:
+            self._send("abort", state)
+
+    def abort_request(self, state: CoreRequest) -> None:
+        self._send("abort", state)
+
+    def finish_choice(self, state: CoreRequest, index: int, reason: FinishReason) -> None:
+        """The consumer ended a choice (a stop string): free its blocks at the next step."""
+        self._send("finish", (state, index, reason))
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the loop thread between steps and return its result (sleep/wake)."""
+        done = threading.Event()
+        box: dict = {}
+
+        def run():
+            try:
+                box["value"] = fn()
+            except BaseException as exc:  # noqa: BLE001 - handed back to the caller
+                box["error"] = exc
+            done.set()
+
+        self._send("call", run)
+        done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
+
+    def _send(self, kind: str, payload) -> None:
+        with self._lock:
+            if self._stopped:
+                if kind == "call":
+                    payload()
+                return
+            self._inbox.append((kind, payload))
+        self._wake.set()
+
+    @property
+    def num_inbox(self) -> int:
+        return len(self._inbox)
+
+    @property
+    def num_active(self) -> int:
+        return len(self._active)
+
+    def close(self) -> None:
+        """Stop the loop thread; requests still in flight end with "abort"."""
+        self._closing = True
+        self._wake.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    # -- the loop thread -----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._closing:
+            self._drain_inbox()
+            if not self.scheduler.has_work():
+                self._flush()  # aborts handled in the inbox still owe their final outputs
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                self._step()
+            except Exception:  # a bug in bookkeeping: fail what is in flight, keep serving
+                logger.exception("LLM engine step failed")
+                for state in self._active_states():
+                    self._end_request(state, "error", "internal error in the engine step")
+            self._flush()
+        with self._lock:
+            self._stopped = True
+        self._drain_inbox()
+        for state in self._active_states():
+            self._end_request(state, "abort")
+        self._flush()
+
+    def _drain_inbox(self) -> None:
+        while self._inbox:
+            kind, payload = self._inbox.popleft()
+            if kind == "abort":
+                self._end_request(payload, "abort")
+            elif kind == "finish":
+                state, index, reason = payload
+                self._end_choice(state, index, reason)
+            elif kind == "call":
+                payload()
+            else:
+                try:
+                    self._add(payload)
+                except Exception as exc:  # e.g. a constraint factory that raises
+                    logger.exception("could not start request %s", payload.request_id)
+                    self._end_request(payload, "error", f"{type(exc).__name__}: {exc}")
+
+    def _add(self, state: CoreRequest) -> None:
+        state.arrival = self._next_arrival
+        self._next_arrival += 1
+        self.scheduler.add(self._new_seq(state, 0))
+
+    def _new_seq(self, state: CoreRequest, index: int) -> Sequence:
+        req, p = state.request, state.request.params
+        seq = Sequence(
+            seq_id=self._next_seq_id, request_id=req.request_id, index=index,
+            token_ids=list(req.prompt_token_ids), num_prompt_tokens=len(req.prompt_token_ids),
+            params=p, priority=req.priority, arrival=state.arrival,
+            stop_token_ids=frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_token_ids),
+        )
+        self._next_seq_id += 1
+        if p.seed is not None:
+            seq.generator = torch.Generator(device=self.runner.device).manual_seed(choice_seed(p.seed, index))
+        if p.prompt_logprobs is not None and index == 0:
+            seq.prompt_logprobs = [None] * seq.num_prompt_tokens
+        if req.constraint_factory is not None:
+            seq.constraint = req.constraint_factory(index)
+        state.seqs.append(seq)
+        return seq
+
+    def _execute(self, seqs: list[Sequence], num_tokens: list[int]):
+        """The runner's forward pass: (logits of sampled rows, sampled seqs, {seq_id: logits of
+        every row this step}) for sequences gathering prompt logprobs."""
+        wanted = frozenset(s.seq_id for s in seqs if s.needs_prompt_rows)
+        if not wanted:
+            logits, sampled = self.runner.execute(seqs, num_tokens)[:2]
+            return logits, sampled, {}
+        if "prompt_logprob_seqs" in inspect.signature(self.runner.execute).parameters:
+            return self.runner.execute(seqs, num_tokens, prompt_logprob_seqs=wanted)
+        return _execute_with_all_rows(self.runner, seqs, num_tokens, wanted)
+
+    def _step(self) -> None:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return
+        self.counters["steps"] += 1
+        try:
+            logits, sampled, prompt_logits = self._execute(batch.seqs, batch.num_tokens)
+            rows = [i for i, s in enumerate(sampled) if s.params.max_new_tokens > 0]
+            to_sample = [sampled[i] for i in rows]
+            result = sample(logits[rows], to_sample, self._generator, self.sampler_state) if to_sample else None
+        except Exception as exc:
+            logger.exception("LLM engine forward/sampling failed")
+            self.counters["failed_steps"] += 1
+            message = f"{type(exc).__name__}: {exc}"
+            for state in {self._active.get(s.request_id) for s in batch.seqs} - {None}:
+                self._end_request(state, "error", message)
+            return
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            if seq.seq_id in prompt_logits:
+                self._gather_prompt_logprobs(seq, prompt_logits[seq.seq_id], n)
+            seq.num_computed_tokens += n
+            self.scheduler.bm.register_full_blocks(seq)
+            if seq.num_computed_tokens <= seq.num_prompt_tokens:
+                self.counters["prompt_tokens"] += n
+        for seq in sampled:
+            if seq.params.max_new_tokens == 0 and not seq.is_finished:
+                state = self._active.get(seq.request_id)
+                if state is not None:  # scoring only: the prompt is done, every choice ends
+                    self._emit(state, CoreOutput(seq.index, finish_reason="length",
+                                                 prompt_logprobs=seq.prompt_logprobs))
+                    self._finish_seq(state, seq, "length")
+                    self._end_request(state, "length")
+        for i, seq in enumerate(to_sample):
+            state = self._active.get(seq.request_id)
+            if state is None or seq.is_finished:
+                continue
+            if i in result.errors:
+                self._end_request(state, "error", result.errors[i])
+                continue
+            try:
+                self._append_token(state, seq, result.token_ids[i], result.logprobs[i])
+            except Exception as exc:
+                logger.info("request %s failed: %s", seq.request_id, exc)
+                self._end_request(state, "error", f"{type(exc).__name__}: {exc}")
+
+    def _gather_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, n: int) -> None:
+        """Rows at positions p..p+n-1 predict prompt tokens p+1..p+n."""
+        start = seq.num_computed_tokens
+        targets = [pos + 1 for pos in range(start, start + n) if pos + 1 < seq.num_prompt_tokens]
+        if not targets:
+            return
+        logprobs = logits[:len(targets)].float().log_softmax(dim=-1)
+        chosen, tops = top_logprobs(logprobs, [seq.token_ids[t] for t in targets], seq.params.prompt_logprobs)
+        for t, c, top in zip(targets, chosen, tops):
+            seq.prompt_logprobs[t] = (c, top)
+
+    def _append_token(self, state: CoreRequest, seq: Sequence, token: int, logprob: RawLogprob | None) -> None:
+        p = seq.params
+        if state.n > 1 and not state.forked:
+            self._fork(state, seq)
+        first = seq.num_output_tokens == 0
+        seq.token_ids.append(token)
+        self.counters["generation_tokens"] += 1
+        if seq.constraint is not None:
+            seq.constraint.accept(token)
+        finish: FinishReason | None = None
+        hidden = token in seq.stop_token_ids
+        if hidden or (seq.constraint is not None and seq.constraint.is_done()):
+            finish = "stop"
+        elif seq.num_output_tokens >= p.max_new_tokens or seq.num_tokens >= self.max_model_len:
+            finish = "length"
+        self._emit(state, CoreOutput(
+            seq.index, [token], [logprob] if logprob is not None else [], finish,
+            hidden_last_token=hidden,
+            prompt_logprobs=seq.prompt_logprobs if first and seq.prompt_logprobs is not None else None,
+        ))
+        if finish is not None:
+            self._finish_seq(state, seq, finish)
+
+    def _fork(self, state: CoreRequest, parent: Sequence) -> None:
+        """Start the other n-1 choices once the prompt is in the cache: they share its full blocks
+        and recompute only the partial last block (always at least one token, for its logits)."""
+        state.forked = True
+        shared = min((parent.num_prompt_tokens - 1) // self.block_size, len(parent.block_table))
+        for index in range(1, state.n):
+            child = self._new_seq(state, index)
+            self.scheduler.bm.fork(parent, child, shared)
+            self.scheduler.add(child)
+
+    # -- ending requests -----------------------------------------------------------------------
+
+    def _finish_seq(self, state: CoreRequest, seq: Sequence, reason: FinishReason) -> None:
+        self.scheduler.finish(seq)
+        self.sampler_state.release(seq)
+        seq.finish_reason = reason
+        self._mark_done(state, seq.index)
+
+    def _end_choice(self, state: CoreRequest, index: int, reason: FinishReason) -> None:
+        if index in state.done:
+            return
+        seq = next((s for s in state.seqs if s.index == index), None)
+        if seq is not None and not seq.is_finished:
+            self.scheduler.finish(seq)
+            self.sampler_state.release(seq)
+            seq.finish_reason = reason
+        self._emit(state, CoreOutput(index, finish_reason=reason))
+        self._mark_done(state, index)
+
+    def _end_request(self, state: CoreRequest, reason: FinishReason, error: str | None = None) -> None:
+        """Finish every choice that has not finished yet (abort, error, shutdown)."""
+        for seq in state.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq)
+                self.sampler_state.release(seq)
+                seq.finish_reason = reason
+        for index in range(state.n):
+            if index not in state.done:
+                self._emit(state, CoreOutput(index, finish_reason=reason, error=error))
+                self._mark_done(state, index)
+
+    def _mark_done(self, state: CoreRequest, index: int) -> None:
+        state.done.add(index)
+        if len(state.done) == state.n:
+            with self._lock:
+                if self._active.get(state.request_id) is state:
+                    del self._active[state.request_id]
+
+    def _active_states(self) -> list[CoreRequest]:
+        with self._lock:
+            return list(self._active.values())
+
+    # -- delivery ------------------------------------------------------------------------------
+
+    def _emit(self, state: CoreRequest, output: CoreOutput) -> None:
+        self._pending.setdefault(state, []).append(output)
+
+    def _flush(self) -> None:
+        """Hand this step's outputs to their event loops: one wake-up per loop per step."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
+        for state, outputs in self._pending.items():
+            by_loop[state.loop].append((state.queue, outputs))
+        self._pending = {}
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that event loop is closed: nobody is listening any more
+                queues = {id(queue) for queue, _ in items}
+                for state in [s for s in self._active_states() if id(s.queue) in queues]:
+                    self._end_request(state, "abort")
+                self._pending = {}
+
+
+def _deliver(items: list[tuple[asyncio.Queue, list[CoreOutput]]]) -> None:
+    for queue, outputs in items:
+        queue.put_nowait(outputs)
+
+
+def _execute_with_all_rows(runner, seqs: list[Sequence], num_tokens: list[int], wanted: frozenset[int]):
+    """For a runner without `prompt_logprob_seqs`: the same packed forward pass, keeping the
+    logits of every row, then split into the sampled rows and the wanted sequences' rows. The
+    runner packs decodes first, then the rest, each in batch order."""
+    kwargs, rows, sampled = runner.prepare(seqs, num_tokens)
+    kwargs.pop("logits_to_keep", None)
+    all_logits = runner.model(**kwargs).logits[0]
+    is_decode = [n == 1 and s.num_computed_tokens > 0 for s, n in zip(seqs, num_tokens)]
+    order = [i for i, d in enumerate(is_decode) if d] + [i for i, d in enumerate(is_decode) if not d]
+    prompt_logits: dict[int, torch.Tensor] = {}
+    start = 0
+    for i in order:
+        if seqs[i].seq_id in wanted:
+            prompt_logits[seqs[i].seq_id] = all_logits[start:start + num_tokens[i]].float()
+        start += num_tokens[i]
+    return all_logits[rows].float(), sampled, prompt_logits
