@@ -22,7 +22,6 @@ import hashlib
 import inspect
 import logging
 import threading
-import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable

@@ -66,6 +66,16 @@ def json_safe_tokens(tokenizer, compiled: xgr.CompiledGrammar) -> torch.Tensor:
         return safe
 
 
+def _packed(mask: torch.Tensor, num_words: int) -> torch.Tensor:
+    """A bool mask over token ids in xgrammar's packed layout: int32 words, bit i of word w is token
+    32 * w + i (tokens past the mask are refused)."""
+    bits = torch.zeros(num_words * 32, dtype=torch.int64)
+    n = min(len(mask), len(bits))
+    bits[:n] = mask[:n].long()
+    words = (bits.view(num_words, 32) << _BIT_SHIFTS.long()).sum(dim=1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
 class GrammarConstraint:
     """One choice's position in a compiled grammar."""
 
@@ -74,6 +84,7 @@ class GrammarConstraint:
         self.grammar_vocab = compiled.tokenizer_info.vocab_size
         self.bitmask = xgr.allocate_token_bitmask(1, self.grammar_vocab)
         self.safe_tokens = safe_tokens
+        self.safe_words = None if safe_tokens is None else _packed(safe_tokens, self.bitmask.shape[1])
 
     def allowed_token_mask(self, vocab_size: int) -> torch.Tensor | None:
         if self.matcher.is_terminated():
@@ -95,6 +106,8 @@ class GrammarConstraint:
         if self.matcher.is_terminated():
             return False
         self.matcher.fill_next_token_bitmask(bitmask, row)
+        if self.safe_words is not None:
+            bitmask[row] &= self.safe_words
         return True
 
     def accept(self, token_id: int) -> None:
