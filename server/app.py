@@ -10,7 +10,7 @@ from fastapi import Depends, FastAPI, Request
 
 from engine.engine import Engine, EngineOptions, demo_registry
 from engine.files import FileStore
-from server import errors, flowise, metrics, models_api, openai, replicate
+from server import embeddings, errors, flowise, metrics, models_api, openai, replicate
 from server.auth import Authenticator, require_identity
 from server.jobs import JobService
 from server.settings import Settings
@@ -79,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(models_api.router, tags=["models"])
     app.include_router(openai.router, tags=["openai"])
+    app.include_router(embeddings.router, tags=["openai"])
     app.include_router(replicate.router, tags=["replicate"])
     app.include_router(flowise.router, tags=["flowise"])
     for router_module in (openai, replicate, flowise):
