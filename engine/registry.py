@@ -371,7 +371,7 @@ def _locate(version: Version, home: Path, demo_folders: dict[str, Path]) -> Path
         if not path.is_absolute():
             path = (home / path) if not path.exists() else path.resolve()
         if not path.exists():
-            version.unavailable_reason = f"weights {path} do not exist"
+            version.unavailable_reason = f"weights path {path} does not exist"
             return None
         return path
     if weights.repo:
