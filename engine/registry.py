@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
-from engine.errors import InvalidInput, ModelNotFound
+from engine.errors import BadRequest, InvalidInput, ModelNotFound
 
 Kind = Literal["text-generation", "image-to-video", "embedding"]
 KINDS = ("text-generation", "image-to-video", "embedding")
@@ -154,6 +154,21 @@ class Registry:
                 return entry.versions[0]
             return self._match(version_ref, entry.versions, f"model '{entry.name}'")
         return self._match(ref, self.versions(), "any model")
+
+    def resolve_kind(self, ref: str | None, kind: str, purpose: str) -> Version:
+        """`resolve`, checked to be of `kind`; without a ref, the first version of that kind.
+        `purpose` names what needs it in errors ("embeddings")."""
+        if not ref:
+            version = next((v for v in self.versions() if v.kind == kind), None)
+            if version is None:
+                raise BadRequest(f"No {kind} model is configured for {purpose}; add one to models.yaml.",
+                                 param="model")
+            return version
+        version = self.resolve(ref)
+        if version.kind != kind:
+            raise BadRequest(f"Model '{ref}' is a {version.kind} model; {purpose} need a model of kind "
+                             f"'{kind}'.", param="model")
+        return version
 
     def _match(self, version_ref: str, candidates: list[Version], where: str) -> Version:
         exact = [v for v in candidates if version_ref == v.id or version_ref in v.aliases]

@@ -16,7 +16,6 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.errors import BadRequest
-from engine.registry import Version
 from server.auth import require_identity
 
 router = APIRouter(dependencies=[Depends(require_identity)])
@@ -57,20 +56,6 @@ def split_inputs(raw: Any) -> list[str] | list[list[int]]:
     return items
 
 
-def embedding_version(request: Request, model: str | None) -> Version:
-    registry = request.app.state.engine.registry
-    if not model:
-        version = next((v for v in registry.versions() if v.kind == "embedding"), None)
-        if version is None:
-            raise BadRequest("No embedding model is configured; name one in models.yaml.", param="model")
-        return version
-    version = registry.resolve(model)
-    if version.kind != "embedding":
-        raise BadRequest(f"Model '{model}' is a {version.kind} model; embeddings need a model of kind "
-                         "'embedding'.", param="model")
-    return version
-
-
 def encode(vector: np.ndarray, encoding_format: str) -> list[float] | str:
     if encoding_format == "base64":
         return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
@@ -80,7 +65,7 @@ def encode(vector: np.ndarray, encoding_format: str) -> list[float] | str:
 @router.post("/v1/embeddings")
 async def create_embeddings(body: EmbeddingRequest, request: Request) -> dict:
     inputs = split_inputs(body.input)
-    version = embedding_version(request, body.model)
+    version = request.app.state.engine.registry.resolve_kind(body.model, "embedding", "embeddings")
     result = await request.app.state.engine.embed(version, inputs, body.dimensions)
     vectors = result.vectors.numpy()
     data = [{"object": "embedding", "index": i, "embedding": encode(vector, body.encoding_format)}
