@@ -11,14 +11,18 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from engine import text_task, video_task
-from engine.errors import EmberError, NotFound, QueueFull
+from engine.errors import BadRequest, EmberError, NotFound, QueueFull
 from engine.files import FileStore
 from engine.jobs import Job
-from engine.loading import Loaded, ModelPool, estimate_bytes, load_text_model, load_video_pipeline
+from engine.loading import (Loaded, ModelPool, estimate_bytes, load_embedding_model, load_text_model,
+                            load_video_pipeline)
 from engine.registry import Registry, Version
+
+if TYPE_CHECKING:
+    from engine.embeddings import Embeddings
 
 log = logging.getLogger("ember.engine")
 
@@ -48,6 +52,13 @@ def build_worker(version: Version, options: EngineOptions) -> Loaded:
         llm.tokenizer = tokenizer
         size = model.get_memory_footprint() + int(settings.get("kv_cache_bytes") or 0)
         return Loaded(version=version, worker=llm, devices=devices, bytes=size, close=llm.close)
+    if version.kind == "embedding":
+        from engine.embeddings import EmbeddingWorker
+
+        model, tokenizer, devices = load_embedding_model(version)
+        worker = EmbeddingWorker.for_version(model, tokenizer, version, devices[0])
+        return Loaded(version=version, worker=worker, devices=devices, bytes=model.get_memory_footprint(),
+                      close=worker.close)
     from engine.schemas import video_family
     from engine.video.worker import VideoWorker
 
@@ -213,6 +224,21 @@ class Engine:
             job.finish("failed", f"{type(exc).__name__}: {exc}")
         finally:
             self.pool.release(version, job.keep_alive)
+
+    async def embed(self, version: Version, inputs: list[str] | list[list[int]],
+                    dimensions: int | None = None) -> "Embeddings":
+        """Vectors for texts or token-id lists from an embedding version (loading it if needed)."""
+        if version.kind != "embedding":
+            raise BadRequest(f"Model '{version.model}' is a {version.kind} model, not an embedding model.",
+                             param="model")
+        loaded = await self._acquire(version)
+        try:
+            worker = loaded.worker
+            worker.check_dimensions(dimensions)
+            token_ids = await asyncio.to_thread(worker.tokenize, inputs)
+            return await worker.embed(token_ids, dimensions)
+        finally:
+            self.pool.release(version)
 
     def get(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)

@@ -1,7 +1,9 @@
 """Loading versions onto devices, and keeping them there under a per-device memory budget.
 
 Text models load with transformers `from_pretrained` (dtype, accelerate device maps, bitsandbytes
-4/8-bit); image-to-video pipelines with diffusers. A `ModelPool` loads lazily on first use (or
+4/8-bit); GGUF files are dequantized once through transformers' GGUF support and kept as a
+safetensors folder under EMBER_HOME, so only the first start pays for it; embedding models load as
+transformers encoders (or decoders) without their heads; image-to-video pipelines with diffusers. A `ModelPool` loads lazily on first use (or
 eagerly at start), counts each version's bytes against the budget of the devices it sits on, and
 makes room by putting least-recently-used idle versions to sleep or unloading them (see ModelPool).
 A failed load marks only that version failed; everything else keeps serving.
@@ -11,8 +13,11 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
+import shutil
 import threading
 import time
+from functools import lru_cache
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -81,11 +86,24 @@ def weights_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in files)
 
 
+@lru_cache(maxsize=32)
+def gguf_parameter_count(path: Path) -> int:
+    """Number of weights in a GGUF file (read from its tensor index, not its data)."""
+    from gguf import GGUFReader
+
+    return sum(int(tensor.n_elements) for tensor in GGUFReader(str(path)).tensors)
+
+
 def estimate_bytes(version: Version) -> int:
     """Bytes a version will take once loaded, before loading it (weights × quantization)."""
     if version.local_path is None:
         return 0
-    base = weights_bytes(version.local_path) * QUANT_FACTOR[version.quantization]
+    if version.gguf_file is not None:
+        _, devices, _ = device_map_for(version.placement)
+        itemsize = torch_dtype(version.dtype, devices[0]).itemsize
+        base = gguf_parameter_count(version.gguf_file) * itemsize * QUANT_FACTOR[version.quantization]
+    else:
+        base = weights_bytes(version.local_path) * QUANT_FACTOR[version.quantization]
     return int(base + _kv_cache_estimate(version))
 
 
@@ -113,14 +131,53 @@ def quantization_config(version: Version, dtype):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
 
 
+def dequantized_folder(version: Version, dtype, model_cls) -> Path:
+    """A GGUF version as an ordinary safetensors folder (weights, config, tokenizer, chat template).
+
+    The first call dequantizes the GGUF through transformers (with its progress bar) and writes the
+    folder under the version's cache; later calls, in this process or the next start, find it there.
+    The folder is keyed by the GGUF's sha256 and the dtype, and written atomically under a file lock,
+    so two servers starting together dequantize once.
+    """
+    from filelock import FileLock
+    from transformers import AutoTokenizer
+
+    folder = version.gguf_cache / str(dtype).removeprefix("torch.")
+    if (folder / "config.json").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if (folder / "config.json").exists():
+            return folder
+        source, name = version.gguf_file.parent, version.gguf_file.name
+        log.warning("dequantizing %s (%s) once; later starts load the cached copy in %s",
+                    version.model, name, folder)
+        started = time.perf_counter()
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=name)
+        model = model_cls.from_pretrained(source, gguf_file=name, dtype=dtype)
+        # The weights are plain tensors now; drop the GGUF marker so the model saves as safetensors.
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+        staging = folder.with_name(folder.name + f".partial-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, folder)
+        log.warning("dequantized %s in %.1f s", version.model, time.perf_counter() - started)
+        del model
+        gc.collect()
+    return folder
+
+
 def load_text_model(version: Version):
-    """transformers model + tokenizer for a text-generation version."""
+    """transformers model + tokenizer for a text-generation version (a folder or a GGUF file)."""
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device_map, devices, max_memory = device_map_for(version.placement)
     dtype = torch_dtype(version.dtype, devices[0])
     model_cls = getattr(transformers, version.model_class) if version.model_class else AutoModelForCausalLM
+    source = dequantized_folder(version, dtype, model_cls) if version.gguf_file else version.local_path
     kwargs: dict[str, Any] = {"dtype": dtype, "device_map": device_map}
     if max_memory:
         kwargs["max_memory"] = max_memory
@@ -129,12 +186,26 @@ def load_text_model(version: Version):
         kwargs["quantization_config"] = quant
         if kwargs["device_map"] == "cpu":
             kwargs["device_map"] = {"": "cpu"}
-    model = model_cls.from_pretrained(version.local_path, **kwargs)
+    model = model_cls.from_pretrained(source, **kwargs)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(version.local_path)
+    tokenizer = AutoTokenizer.from_pretrained(source)
     if version.chat_template:
         tokenizer.chat_template = version.chat_template
     return model, tokenizer, devices
+
+
+def load_embedding_model(version: Version):
+    """transformers base model (no LM head) + tokenizer for an embedding version."""
+    import transformers
+    from transformers import AutoModel, AutoTokenizer
+
+    device_map, devices, _ = device_map_for(version.placement)
+    dtype = torch_dtype(version.dtype, devices[0])
+    model_cls = getattr(transformers, version.model_class) if version.model_class else AutoModel
+    source = dequantized_folder(version, dtype, model_cls) if version.gguf_file else version.local_path
+    model = model_cls.from_pretrained(source, dtype=dtype, device_map=device_map)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(source), devices
 
 
 def load_video_pipeline(version: Version):
@@ -159,6 +230,11 @@ def download(version: Version, progress: bool = True) -> Path:
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
+    if version.weights.file:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(version.weights.repo, version.weights.file,
+                                    revision=version.weights.revision))
     return Path(snapshot_download(version.weights.repo, revision=version.weights.revision))
 
 

