@@ -1,15 +1,15 @@
 """Where a loaded worker's bytes sit, and putting a worker to sleep and waking it.
 
 `measure` counts a worker's real tensors per device: the weights of its torch modules plus an LLM
-engine's KV cache and workspaces (`engine.memory_bytes()` when the engine offers it, else the
-runner's cache tensors). That is what the pool charges against each device's budget.
+engine's KV cache and workspaces (`engine.memory_bytes()`). That is what the pool charges against
+each device's budget.
 
-Sleep frees what can be rebuilt cheaply and parks what cannot: an LLM engine's KV cache and
-workspaces are freed (their contents are only a cache), and weights on a GPU are copied to pinned
-host memory so waking is one host-to-device copy instead of a load from disk. On a CPU-only host
-the weights already live in host memory, so sleep frees the KV cache only (and waking allocates a
-fresh zeroed cache, the same as a cold start does). An engine that brings
-its own `sleep()`/`wake()` is asked to do it itself.
+Sleep frees what can be rebuilt cheaply and parks what cannot: an LLM engine frees its KV cache
+and workspaces (their contents are only a cache), and weights on a GPU are copied to pinned host
+memory so waking is one host-to-device copy instead of a load from disk. On a CPU-only host the
+weights already live in host memory, so sleep frees the KV cache only (and waking allocates a
+fresh one, as a cold start does). Workers with their own `sleep()`/`wake()` (the LLM engine) do it
+themselves with `park_weights`/`restore_weights`.
 """
 
 from __future__ import annotations
@@ -52,19 +52,9 @@ def weight_bytes(worker: Any) -> dict[str, int]:
 def cache_bytes(worker: Any) -> dict[str, int]:
     """An LLM engine's KV cache and workspaces per device (empty for other workers)."""
     own = getattr(worker, "memory_bytes", None)
-    if callable(own):
-        return {str(device): int(size) for device, size in own().items()}
-    runner = getattr(worker, "runner", None)
-    if runner is None:
+    if not callable(own):
         return {}
-    totals: dict[str, int] = defaultdict(int)
-    tensors = [runner.kv, runner.workspace.k, runner.workspace.v]
-    graphs = getattr(runner, "graphs", None)
-    if graphs is not None:  # CUDA graphs keep their own gather workspace (their private pool is not counted)
-        tensors += [graphs.workspace.k, graphs.workspace.v]
-    for tensor in tensors:
-        totals[str(tensor.device)] += tensor.untyped_storage().nbytes()
-    return {device: size for device, size in totals.items() if size}
+    return {str(device): int(size) for device, size in own().items() if size}
 
 
 def measure(worker: Any) -> dict[str, int]:
@@ -88,71 +78,51 @@ def is_idle(worker: Any) -> bool:
     return not getattr(worker, "_active", None) and not getattr(worker, "_pending", None)
 
 
+def park_weights(modules: list[torch.nn.Module]) -> dict[int, torch.device]:
+    """Copy every GPU parameter and buffer into pinned host memory (waking is then one fast
+    host-to-device copy); returns each moved tensor's home device. CPU tensors stay."""
+    homes: dict[int, torch.device] = {}
+    for tensor in _tensors(modules):
+        if tensor.device.type == "cuda":
+            homes[id(tensor)] = tensor.device
+            parked = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
+            tensor.data = parked.copy_(tensor.data)
+    if homes:
+        torch.cuda.empty_cache()  # hand the freed blocks back so other processes see them too
+    return homes
+
+
+def restore_weights(modules: list[torch.nn.Module], homes: dict[int, torch.device]) -> None:
+    """Undo `park_weights`."""
+    for tensor in _tensors(modules):
+        home = homes.get(id(tensor))
+        if home is not None:
+            tensor.data = tensor.data.to(home, non_blocking=True)
+    if homes:
+        torch.cuda.synchronize()
+
+
 @dataclass
 class Asleep:
-    """What waking needs: each moved tensor's home device, and the freed cache's shape."""
+    """What waking needs: each parked tensor's home device, or that the worker slept itself."""
 
     homes: dict[int, torch.device] = field(default_factory=dict)
-    kv_shape: tuple[int, ...] = ()
-    graphs: bool = False
-    own: bool = False  # the engine slept itself
+    own: bool = False  # the worker slept itself (an LLM engine frees its KV cache too)
 
 
 def sleep(worker: Any) -> Asleep:
-    """Free the worker's caches and park its GPU weights in pinned host memory."""
+    """Put the worker to sleep: its own `sleep()` when it has one (LLM engines), else park the
+    weights of its modules (pipelines)."""
     own = getattr(worker, "sleep", None)
     if callable(own) and callable(getattr(worker, "wake", None)):
         own()
         return Asleep(own=True)
-    asleep = Asleep()
-    runner = getattr(worker, "runner", None)
-    if runner is not None:
-        asleep.kv_shape = tuple(runner.kv.shape)
-        asleep.graphs = runner.graphs is not None
-        runner.graphs = None  # captured against addresses that are about to go away
-        runner.kv = torch.empty(0, dtype=runner.dtype, device=runner.device)
-        runner.k_caches, runner.v_caches = [], []
-        runner.workspace.capacity = 0
-        runner.workspace.k = runner.workspace.v = torch.empty(0, dtype=runner.dtype, device=runner.device)
-        _forget_prefix_cache(worker)
-    for tensor in _tensors(modules_of(worker)):
-        if tensor.device.type == "cuda":
-            asleep.homes[id(tensor)] = tensor.device
-            parked = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
-            tensor.data = parked.copy_(tensor.data)
-    if asleep.homes or (runner is not None and runner.device.type == "cuda"):
-        torch.cuda.empty_cache()  # hand the freed blocks back so other processes see them too
-    return asleep
+    return Asleep(homes=park_weights(modules_of(worker)))
 
 
 def wake(worker: Any, asleep: Asleep) -> None:
-    """Undo `sleep`: weights back to their devices, a zeroed KV cache of the same size."""
+    """Undo `sleep`."""
     if asleep.own:
         worker.wake()
-        return
-    for tensor in _tensors(modules_of(worker)):
-        home = asleep.homes.get(id(tensor))
-        if home is not None:
-            tensor.data = tensor.data.to(home, non_blocking=True)
-    runner = getattr(worker, "runner", None)
-    if runner is not None:
-        # The old storage went back to the allocator at sleep; the per-layer views follow the new one.
-        runner.kv = torch.zeros(asleep.kv_shape, dtype=runner.dtype, device=runner.device)
-        runner.k_caches, runner.v_caches = list(runner.kv[0]), list(runner.kv[1])
-        if asleep.graphs:
-            from engine.llm.cuda_graphs import DecodeGraphs
-
-            runner.graphs = DecodeGraphs(runner, worker.config.max_num_seqs, worker.max_model_len)
-    if any(home.type == "cuda" for home in asleep.homes.values()) or (
-            runner is not None and runner.device.type == "cuda"):
-        torch.cuda.synchronize()
-
-
-def _forget_prefix_cache(worker: Any) -> None:
-    """The cached prefixes' keys and values are gone with the cache; their hashes must go too."""
-    manager = getattr(worker, "block_manager", None)
-    if manager is None:
-        return
-    fresh = type(manager)(manager.num_blocks, manager.block_size, manager.enable_prefix_caching)
-    worker.block_manager = fresh
-    worker.scheduler.bm = fresh
+    else:
+        restore_weights(modules_of(worker), asleep.homes)

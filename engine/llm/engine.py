@@ -25,6 +25,7 @@ from engine.llm.output import RequestOutput, TokenTexts
 from engine.llm.runner import ModelRunner, kv_bytes_per_token
 from engine.llm.scheduler import Scheduler
 from engine.llm.types import GenerationDelta, GenerationRequest
+from engine.residency import park_weights, restore_weights
 
 logger = logging.getLogger("ember.llm")
 
@@ -70,6 +71,7 @@ class LLMEngine:
         # "Already borrowed" when one thread encodes with truncation/padding while another decodes.
         self._texts = TokenTexts(_private_copy(tokenizer))
         self._asleep = False
+        self._parked: dict = {}  # weights parked in host memory while asleep (see engine/residency.py)
         self._started = time.monotonic()
         self.core = EngineCore(self._new_runner(), self._new_scheduler(), eos_token_ids=self.eos_token_ids,
                                max_model_len=self.max_model_len, block_size=cfg.block_size,
@@ -197,9 +199,7 @@ class LLMEngine:
             if self.core.num_active:
                 raise RuntimeError("cannot sleep while requests are running")
             self.core.runner = None
-            self.model.to("cpu")
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+            self._parked = park_weights([self.model])
             self._asleep = True
 
         self.core.call(go_to_sleep)
@@ -210,7 +210,7 @@ class LLMEngine:
             return
 
         def wake_up():
-            self.model.to(self.device)
+            restore_weights([self.model], self._parked)
             self.core.runner = self._new_runner()
             self.core.scheduler = self._new_scheduler()
             self._asleep = False
