@@ -149,7 +149,7 @@ class Server:
     log: Path
 
 
-def start_ember(args, models_yaml: Path, home: Path, port: int, log: Path) -> Server:
+def start_ember(models_yaml: Path, home: Path, port: int, log: Path) -> Server:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
            "EMBER_HOME": str(home), "EMBER_API_KEYS": "", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
@@ -470,8 +470,8 @@ def parse_args(argv=None):
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--num-prompts", type=int, nargs="+", default=[16, 64, 128],
                     help="prompts per concurrency level (one number, or one per level)")
-    ap.add_argument("--repeats", type=int, default=2, help="alternated runs per system; the median is reported")
-    ap.add_argument("--quick", action="store_true", help="one repeat, 8/32/64 prompts")
+    ap.add_argument("--repeats", type=int, help="alternated runs per system; the median is reported (default 2)")
+    ap.add_argument("--quick", action="store_true", help="8/32/64 prompts and one repeat unless --repeats says")
     ap.add_argument("--kv-cache-mib", type=int, default=1024, help="KV budget of both servers")
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -487,7 +487,8 @@ def parse_args(argv=None):
     ap.add_argument("--keep-logs", action="store_true", help="keep the servers' and the client's logs")
     args = ap.parse_args(argv)
     if args.quick:
-        args.repeats, args.num_prompts = 1, [8, 32, 64]
+        args.num_prompts = [8, 32, 64][:len(args.concurrency)]
+    args.repeats = args.repeats or (1 if args.quick else 2)
     if len(args.num_prompts) == 1:
         args.num_prompts = args.num_prompts * len(args.concurrency)
     if len(args.num_prompts) != len(args.concurrency):
@@ -524,7 +525,7 @@ def main(argv=None) -> None:
         for i, system in enumerate(order):
             port = free_port()
             log = work / f"{system}-{i}.server.log"
-            server = (start_ember(args, models_yaml, work / "ember-home", port, log) if system == "ember"
+            server = (start_ember(models_yaml, work / "ember-home", port, log) if system == "ember"
                       else start_vllm(args, folder, port, log))
             try:
                 ready = wait_ready(server, args.start_timeout)
