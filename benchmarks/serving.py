@@ -353,9 +353,12 @@ def run_load(args, server: Server, folder: Path, concurrency: int, num_prompts: 
 
 # -- summary -------------------------------------------------------------------------------------
 
+COUNTS = ("short_outputs", "failed")  # summed over the repeats: one early stop anywhere is worth seeing
+
+
 def median_runs(runs: list[dict]) -> dict:
     keys = [k for k in runs[0] if all(isinstance(r.get(k), (int, float)) for r in runs)]
-    return {k: statistics.median(r[k] for r in runs) for k in keys}
+    return {k: sum(r[k] for r in runs) if k in COUNTS else statistics.median(r[k] for r in runs) for k in keys}
 
 
 def summarise(runs: dict) -> dict:
@@ -397,7 +400,9 @@ def print_table(summary: dict, title: str) -> None:
                 (lambda k, f: f.format(row[k]) if row.get(k) is not None else "-")
             cells = [fmt(k, f) for k, _, f in COLUMNS]
             if system != "ratio" and row.get("short_outputs"):
-                cells[-1] += f" ({row['short_outputs']:.0f} short!)"
+                cells[-1] += f" ({row['short_outputs']:.0f} req. short)"
+            if system != "ratio" and row.get("failed"):
+                cells[-1] += f" ({row['failed']:.0f} failed)"
             style = "bold" if system == "ratio" else None
             table.add_row(str(c), "ember/vLLM" if system == "ratio" else system, *cells, style=style)
     Console(width=200).print(table)
@@ -446,6 +451,15 @@ def progress_line(f: dict) -> str:
     if f["failed"]:
         line += f"  FAILED {f['failed']}"
     return line
+
+
+def without_paths(settings: dict) -> dict:
+    """Settings for the report, with file paths cut to their last part (they name this machine)."""
+    def short(value):
+        if isinstance(value, (str, Path)) and os.sep in str(value):
+            return ":".join(Path(part).name for part in str(value).split(":"))
+        return value
+    return {k: short(v) for k, v in settings.items()}
 
 
 def load_average() -> dict:
@@ -548,12 +562,11 @@ def main(argv=None) -> None:
     title = (f"Serving, {model_label or 'random Llama h512 l8 bf16'}, {device}, {INPUT_LEN} in / {OUTPUT_LEN} out, "
              f"median of {args.repeats}; load {load['load_1m']:.1f} at start")
     print_table(summary, title)
-    report = {"device": device, "model": str(folder) if args.model else "random-weight Llama h512 l8 vocab32k bf16",
+    report = {"device": device, "model": folder.name if args.model else "random-weight Llama h512 l8 vocab32k bf16",
               "served_model_name": SERVED_NAME, "vllm_version": vllm_version(args.vllm) if "vllm" in args.systems else None,
               "workload": {"dataset": "random", "input_len": INPUT_LEN, "output_len": OUTPUT_LEN, "ignore_eos": True,
                            "concurrency": args.concurrency, "num_prompts": args.num_prompts},
-              "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "vllm_env": vllm_env(args), "load_at_start": load, "load_at_end": load_average(),
+              "args": without_paths(vars(args)), "vllm_env": without_paths(vllm_env(args)), "load_at_start": load, "load_at_end": load_average(),
               "elapsed_s": time.monotonic() - began, "ready_s": starts,
               "summary": {str(c): row for c, row in summary.items()},
               "runs": {s: {str(c): rs for c, rs in by_c.items()} for s, by_c in runs.items()}}

@@ -71,6 +71,7 @@ def test_summary_takes_medians_per_system_and_level_and_ratios_ember_over_vllm()
     assert row["ember"]["output_tok_s"] == 200 and row["vllm"]["output_tok_s"] == 100
     assert row["ratio"]["output_tok_s"] == 2.0 and row["ratio"]["median_tpot_ms"] == 0.5
     assert "note" not in row["ember"]
+    assert row["ember"]["short_outputs"] == 0
 
 
 def test_summary_without_vllm_has_no_ratio():
@@ -83,3 +84,16 @@ def test_progress_line_flags_requests_that_stopped_early_and_failures():
                "total_output_tokens": 130, "short_outputs": 1, "failed": 2}
     line = serving.progress_line(figures)
     assert "1 requests stopped before 128 tokens" in line and "FAILED 2" in line
+
+
+def test_summary_counts_early_stops_over_all_repeats():
+    runs = {"ember": {64: [{"output_tok_s": 1.0, "short_outputs": 1, "failed": 0},
+                           {"output_tok_s": 3.0, "short_outputs": 0, "failed": 2}]}}
+    row = serving.summarise(runs)[64]["ember"]
+    assert (row["output_tok_s"], row["short_outputs"], row["failed"]) == (2.0, 1, 2)
+
+
+def test_report_settings_name_no_paths_of_this_machine():
+    settings = serving.without_paths({"vllm": "/opt/venv/bin/vllm", "LD_PRELOAD": "/lib/libtc.so.4:/opt/v/libiomp5.so",
+                                      "repeats": 2, "bind": "0-1"})
+    assert settings == {"vllm": "vllm", "LD_PRELOAD": "libtc.so.4:libiomp5.so", "repeats": 2, "bind": "0-1"}
