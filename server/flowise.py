@@ -23,7 +23,6 @@ from typing import Any, AsyncIterator, Callable
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ValidationError
-from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -35,6 +34,7 @@ from engine.sampling_bounds import BOUNDS, engine_seed
 from engine.schemas import input_schema, validate_input
 from engine.text_task import TextTask
 from engine.video_task import VideoTask
+from server.sse import event_source
 from server.auth import Unauthorized, bearer_token
 from server.guard import FORM_TYPES, UnusableJSON, strict_loads
 from server.openapi_docs import FLOWISE_FEEDBACK, FLOWISE_PREDICTION
@@ -387,8 +387,7 @@ async def predict(flow_id: str, request: Request):
         await request.app.state.jobs.submit(job, wait_ready=True)
     turn = Turn(flow=flow, ask=ask, job=job, conversation=conversation, chat_id=chat_id)
     if ask.streaming and _streams(flow, version):
-        return EventSourceResponse(_stream(request, turn), ping=HEARTBEAT_S,
-                                   ping_message_factory=lambda: ServerSentEvent(comment="heartbeat"))
+        return event_source(_stream(request, turn), ping_s=HEARTBEAT_S, comment="heartbeat")
     await _wait(request, job)
     if job.status != "succeeded":
         raise JobFailed(_failure(job))

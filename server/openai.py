@@ -39,6 +39,7 @@ from engine.llm.types import SamplingParams, TokenLogprob
 from engine.registry import Version, parse_keep_alive
 from engine.sampling_bounds import BOUNDS, engine_seed
 from engine.text_task import TextTask
+from server.sse import event_source
 from server.auth import bearer_token, identity_of_key, require_identity
 from server.sessions import Conversation, dropped_on_error, open_conversation, record_turn
 from server.tool_calls import ToolCallStream, merge_deltas, offered_tool_names, split_tool_calls
@@ -643,9 +644,7 @@ async def stream_events(request: Request, shape: Shape, on_success) -> AsyncIter
 
 
 def event_stream(request: Request, shape: Shape, on_success, headers: dict) -> EventSourceResponse:
-    return EventSourceResponse(stream_events(request, shape, on_success), headers=headers, sep="\n",
-                               ping=PING_S,
-                               ping_message_factory=lambda: ServerSentEvent(comment="ping", sep="\n"))
+    return event_source(stream_events(request, shape, on_success), headers=headers, sep="\n", ping_s=PING_S)
 
 
 async def respond(request: Request, shape: Shape, stream: bool, on_success, headers: dict):

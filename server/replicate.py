@@ -30,6 +30,7 @@ from engine.schemas import validate_input
 from engine.text_task import TextTask
 from engine.video_task import VideoTask, load_image
 from server import files_api
+from server.sse import event_source
 from server.auth import require_identity
 from server.jobs import prediction_doc, prediction_urls, request_base_url
 from server.webhooks import EVENTS, WebhookSender, check_target
@@ -213,8 +214,8 @@ async def sse_stream(request: Request, item: Job | dict, cancel_on_disconnect: b
 
 
 def event_stream(request: Request, item: Job | dict, cancel_on_disconnect: bool = False) -> EventSourceResponse:
-    return EventSourceResponse(sse_stream(request, item, cancel_on_disconnect), ping=PING_S,
-                               headers={"Cache-Control": "no-store"})
+    return event_source(sse_stream(request, item, cancel_on_disconnect), ping_s=PING_S,
+                        headers={"Cache-Control": "no-store"})
 
 
 # ---------------------------------------------------------------- predictions

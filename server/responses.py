@@ -22,12 +22,13 @@ from typing import Any, AsyncIterator, Literal
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import ServerSentEvent
 
 from engine.errors import BadRequest, InvalidInput, JobFailed
 from engine.jobs import Job
 from engine.registry import Version
 from engine.text_task import TextTask
+from server.sse import event_source
 from server.auth import require_identity
 from server.openai import PING_S, SamplingRequest, sampling_params, submit, text_version, wait_or_cancel
 from server.responses_items import chat_messages, input_items
@@ -271,8 +272,7 @@ async def create_response(body: ResponsesRequest, request: Request, identity: st
     doc = {"response": response_object(f"resp_{job.id}", body, version, task), "context": context}
     pending = track(request.app, doc, identity, job, body.store)
     if body.stream:
-        return EventSourceResponse(stream_response(request, pending), sep="\n", ping=PING_S,
-                                   ping_message_factory=lambda: ServerSentEvent(comment="ping", sep="\n"))
+        return event_source(stream_response(request, pending), sep="\n", ping_s=PING_S)
     if body.background:
         return JSONResponse(copy.deepcopy(doc["response"]))
     await wait_or_cancel(request, [job])
