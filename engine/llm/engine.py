@@ -289,7 +289,7 @@ class LLMEngine:
             return
         self._counters["steps"] += 1
         try:
-            logits, sampled = self.runner.execute(batch.seqs, batch.num_tokens)
+            logits, sampled, _ = self.runner.execute(batch.seqs, batch.num_tokens)
             result = sample(logits, sampled, self._generator) if sampled else None
         except Exception as exc:
             logger.exception("LLM engine forward/sampling failed")
