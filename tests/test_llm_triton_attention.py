@@ -5,16 +5,14 @@ powers of two, scattered block tables; and the whole engine decoding greedily th
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
-os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel is first compiled, below
 
-from engine.llm import triton_paged  # noqa: E402
+from engine.llm import triton_paged  # noqa: E402  (conftest sets TRITON_INTERPRET=1 without CUDA)
 
 
 def reference(query, k_cache, v_cache, tables, ctx_lens, q_lens, scale, window):
@@ -96,15 +94,46 @@ def test_kernel_reads_strided_queries_and_writes_strided_outputs():
     assert out[:3].abs().sum() == 0 and out[7:].abs().sum() == 0
 
 
-def test_kernel_agrees_with_the_cpu_backend_in_bfloat16():
+def test_kernel_agrees_with_the_cpu_backend_in_half_precision():
+    """float16: Triton's interpreter computes through numpy, which has no bfloat16 (bfloat16 is
+    checked on the GPU itself, by the self-check the runner runs at start-up)."""
     from engine.llm.attention import SpanGroup
     from engine.llm.attention_cpu import TorchBackend
 
     spans = [(33, 1), (21, 6), (5, 5)]
-    query, k_cache, v_cache, _, padded, starts = make_case(3, 16, 4, 2, 32, spans, dtype=torch.bfloat16)
+    query, k_cache, v_cache, _, padded, starts = make_case(3, 16, 4, 2, 32, spans, dtype=torch.float16)
     ctx = torch.tensor([c for c, _ in spans], dtype=torch.int32)
     kernel_out, torch_out = torch.zeros_like(query), torch.zeros_like(query)
     triton_paged.paged_attention(query, k_cache, v_cache, kernel_out, padded, ctx, starts, 6, 0.2, 16)
     group = SpanGroup(0, query.shape[0], padded, ctx, starts, 6, query_lens=[q for _, q in spans])
-    TorchBackend(torch.bfloat16, torch.device("cpu")).attend(group, query, k_cache, v_cache, torch_out, 0.2, 16)
+    TorchBackend(torch.float16, torch.device("cpu")).attend(group, query, k_cache, v_cache, torch_out, 0.2, 16)
     torch.testing.assert_close(kernel_out.float(), torch_out.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_self_check_accepts_the_kernel_and_rejects_a_wrong_one():
+    from engine.llm.attention_cuda import TritonBackend, self_check
+
+    cpu = torch.device("cpu")
+    assert self_check(TritonBackend(), torch.float32, cpu, 16, 4, 2, 16)
+    assert self_check(TritonBackend(), torch.float16, cpu, 12, 8, 8, 32)
+
+    class Wrong(TritonBackend):
+        def attend(self, group, query, k_cache, v_cache, out, scale, window):
+            super().attend(group, query, k_cache, v_cache, out, scale, None)  # ignores the window
+
+    assert not self_check(Wrong(), torch.float32, cpu, 16, 4, 2, 16)
+
+
+def test_engine_decodes_greedily_through_the_kernel(llama, tokenizer):
+    """The whole engine (chunked prefill, prefix hits, decode graphs' static buffers) with the
+    Triton kernel as its attention backend."""
+    from engine.llm.attention_cuda import TritonBackend
+    from tests.test_llm_greedy import EagerGraphs, check_greedy, with_graphs, workload
+    from tests.llm_fixtures import make_engine
+
+    prompts, max_new = workload(5, len(tokenizer), seed=13, lengths=(10, 40), max_new=(4, 10))
+    engine = make_engine(llama, tokenizer, max_num_batched_tokens=24, block_size=8)
+    engine.runner.backend = TritonBackend()
+    graphs = with_graphs(engine, 4, EagerGraphs)
+    check_greedy(llama, engine, prompts, max_new)
+    assert graphs.replays > 0

@@ -8,30 +8,26 @@ are its last `q_len` positions, so query j sits at position context_len - q_len 
 k <= that position (and, with a sliding window, k > position - window). GQA maps query head h to
 KV head h // (heads // kv_heads); K/V are never expanded.
 
-The kernel is compiled lazily on first use, so that `TRITON_INTERPRET=1` set before that point
-runs it on CPU tensors through Triton's interpreter (how the tests check it without a GPU).
+With `TRITON_INTERPRET=1` set before this module is imported, Triton's interpreter runs the
+kernel on CPU tensors (how the tests check it without a GPU).
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the CUDA path is the only user
+    triton = tl = None
 
 
 def available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return triton is not None
 
 
-@functools.cache
-def _kernel():
-    import triton
-    import triton.language as tl
-
+if triton is not None:
     @triton.jit
     def paged_attention_kernel(
         Q, K, V, O, block_tables, context_lens, query_starts, scale, window,
@@ -60,8 +56,8 @@ def _kernel():
                 lo = tl.maximum(0, ctx - q_len + m_block * BLOCK_M - window + 1)
                 lo = (lo // BLOCK_N) * BLOCK_N
             m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-            acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+            acc = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
             for start in range(lo, hi, BLOCK_N):
                 offs_n = start + tl.arange(0, BLOCK_N)
                 n_valid = offs_n < hi
@@ -89,8 +85,6 @@ def _kernel():
             tl.store(O + (q_start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
                      out.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
 
-    return paged_attention_kernel
-
 
 def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                     block_tables: torch.Tensor, context_lens: torch.Tensor, query_starts: torch.Tensor,
@@ -99,8 +93,6 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     to the paged caches [num_blocks, block_size, kv_heads, head_dim]; write the result to `out`
     [T, heads, head_dim]. Launches a fixed grid for a given (num_seqs, max_query_len), so a decode
     launch is CUDA-graph capturable."""
-    import triton
-
     num_seqs = block_tables.shape[0]
     heads, head_dim = query.shape[1:]
     block_size, kv_heads = k_cache.shape[1:3]
@@ -108,7 +100,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         assert t.stride(-1) == 1, "the last dimension must be contiguous"
     block_m = 16
     grid = (num_seqs, heads, triton.cdiv(max_query_len, block_m))
-    _kernel()[grid](
+    paged_attention_kernel[grid](
         query, k_cache, v_cache, out, block_tables, context_lens, query_starts, scale,
         window if window is not None else 0,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
