@@ -16,6 +16,11 @@ vs. a measured device copy bandwidth), which is the meaningful yardstick on a GP
     python -m benchmarks.offline_llm               # CPU, the full workload (about 10 min on 2 cores)
     python -m benchmarks.offline_llm --quick       # a few minutes
     python -m benchmarks.offline_llm --device cuda # Llama-2-7B shape, bf16
+    python -m benchmarks.offline_llm --fragment    # fresh vs fragmented block pool, same probe
+
+--fragment measures one engine twice on the same 64-request probe: once fresh, and once after
+mixed streaming traffic (varied prompt and output lengths, staggered arrivals, a third of the
+requests aborted part-way) has scattered its free blocks, printing both side by side.
 """
 
 from __future__ import annotations
@@ -184,6 +189,83 @@ def run_generate_batch(model, work, args) -> tuple[int, float]:
     return tokens, elapsed
 
 
+# -- fresh vs fragmented block pool -------------------------------------------------------------
+
+def free_runs(engine) -> int:
+    """Maximal runs of consecutive free block ids: 1 on a fresh pool, larger as it fragments."""
+    free = sorted(engine.block_manager.free)
+    return sum(1 for i, b in enumerate(free) if i == 0 or free[i - 1] + 1 != b)
+
+
+async def _stream(engine, request_id, prompt, n, stop_after=None) -> int:
+    from engine.llm.types import GenerationRequest, SamplingParams
+
+    count = 0
+    params = SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)
+    async for delta in engine.generate(GenerationRequest(request_id, prompt, params)):
+        count += len(delta.token_ids)
+        if stop_after is not None and count >= stop_after:
+            engine.abort(request_id)
+    return count
+
+
+def mixed_traffic(engine, vocab: int, seed: int, num_requests: int) -> None:
+    """Streaming requests of varied lengths arriving over time; a third abort part-way."""
+    rng = random.Random(seed)
+
+    async def one(i):
+        await asyncio.sleep(rng.random() * 2.0)
+        prompt = [rng.randrange(1, vocab) for _ in range(rng.choice((8, 40, 150, 400)) + rng.randint(0, 30))]
+        n = rng.randint(1, 160)
+        stop_after = rng.randint(1, n) if i % 3 == 0 else None
+        await _stream(engine, f"mix{seed}-{i}", prompt, n, stop_after)
+
+    async def main():
+        await asyncio.gather(*(one(i) for i in range(num_requests)))
+
+    asyncio.run(main())
+
+
+def run_probe(engine, work, label) -> tuple[int, float]:
+    async def main():
+        return await asyncio.gather(*(_stream(engine, f"{label}-{i}", p, n) for i, (p, n) in enumerate(work)))
+
+    start = time.perf_counter()
+    tokens = sum(asyncio.run(main()))
+    sync(engine.runner.device.type)
+    return tokens, time.perf_counter() - start
+
+
+def fragment_benchmark(model, tokenizer, args) -> dict:
+    from engine.llm.engine import LLMEngine, LLMEngineConfig
+
+    config = LLMEngineConfig(kv_cache_bytes=args.kv_cache_mib * 2**20 if args.device == "cpu" else None,
+                             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batch_tokens)
+    probe = make_workload(64, args.seed, model.config.vocab_size, (128, 256), (32, 64) if args.quick else (64, 128))
+    engine = LLMEngine(model, tokenizer, config)
+    try:
+        run_probe(engine, [(p, 4) for p, _ in probe[:2]], "warm")
+        fresh = run_probe(engine, probe, "fresh")
+        runs_fresh = free_runs(engine)
+        for wave in range(2 if args.quick else 4):
+            mixed_traffic(engine, model.config.vocab_size, seed=wave, num_requests=96)
+        runs_fragmented = free_runs(engine)
+        fragmented = run_probe(engine, probe, "fragmented")
+    finally:
+        engine.close()
+    set_attention(model, "sdpa")
+    report = {"fresh_tok_s": fresh[0] / fresh[1], "fragmented_tok_s": fragmented[0] / fragmented[1],
+              "free_runs_fresh": runs_fresh, "free_runs_fragmented": runs_fragmented,
+              "num_blocks": engine.block_manager.num_blocks}
+    report["fragmented_over_fresh"] = report["fragmented_tok_s"] / report["fresh_tok_s"]
+    print(f"\n{'pool':12s} {'tok/s':>9s} {'free runs':>10s}")
+    print(f"{'fresh':12s} {report['fresh_tok_s']:9.1f} {runs_fresh:10d}")
+    print(f"{'fragmented':12s} {report['fragmented_tok_s']:9.1f} {runs_fragmented:10d}")
+    print(f"fragmented / fresh = {report['fragmented_over_fresh']:.2f} "
+          f"({report['num_blocks']} blocks of {config.block_size} tokens)")
+    return report
+
+
 # -- batch-1 decode and roofline -----------------------------------------------------------------
 
 def copy_bandwidth(device: str) -> float:
@@ -268,6 +350,10 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-batch-tokens", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fragment", action="store_true",
+                    help="only compare one engine fresh and after mixed traffic fragmented its block pool")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="model dtype (default: "
+                    "float32 on CPU, bfloat16 on CUDA)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["sequential", "padded", "generate_batch", "batch1"])
     args = ap.parse_args()
     prompt_range, output_range = (16, 256), (8, 256)
@@ -278,8 +364,18 @@ def main() -> None:
         prompt_range, output_range = (16, 128), (8, 128)
 
     model = build_model(args.device)
+    if args.dtype is not None:
+        model.to(getattr(torch, args.dtype))
     tokenizer = build_tokenizer(model.config.vocab_size)
     set_attention(model, "sdpa")
+    if args.fragment:
+        report = {"device": device_label(args.device), "args": vars(args), "fragment": fragment_benchmark(
+            model, tokenizer, args)}
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path = RESULTS / f"fragment_llm_{report['device']}_{args.dtype or 'default'}{'_quick' if args.quick else ''}.json"
+        path.write_text(json.dumps(report, indent=2))
+        print(f"saved {path}")
+        return
     work = make_workload(args.num_requests, args.seed, model.config.vocab_size, prompt_range, output_range)
     print(f"device {device_label(args.device)}; {args.num_requests} requests, prompts {prompt_range}, "
           f"outputs {output_range}, {sum(n for _, n in work)} output tokens; repeats {args.repeats}", flush=True)

@@ -42,6 +42,8 @@ class SpanGroup:
     query_starts: torch.Tensor  # int32 [S + 1]: query offsets, relative to row_start
     max_query_len: int
     query_lens: list[int] | None = None  # host copy, for backends that pad queries (None when all are 1)
+    host_tables: list[list[int]] | None = None  # host copies of the tables and lengths, when known
+    host_context_lens: list[int] | None = None
     cache: dict = field(default_factory=dict)  # per-step values a backend derives once, reused by every layer
 
     @property

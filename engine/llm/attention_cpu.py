@@ -1,26 +1,40 @@
 """Paged attention in plain PyTorch: the CPU path (and the reference the CUDA kernels are checked
 against at start-up; it runs on any device).
 
-Per layer and span group: one `index_select` of whole blocks gathers every sequence's context into
-a reused workspace, padded to the group's widest block table, and one SDPA call attends all
-sequences of the group at once under a boolean mask. Everything index-like (the padded query rows,
-the masks per sliding window) is derived once per step from the group's tensors and reused by every
-layer. The gather reads blocks wherever they are, so a fragmented block pool costs the same as a
-fresh one.
+On CPU a decode step is bound by memory traffic: every step reads each sequence's whole context
+once, and any copy of it (a gather) costs another read and write of the same bytes. Measured on
+this repo's benchmark model (64 decode rows, contexts of 200-400 tokens, one layer, fp32, one
+thread, noisy machine): attending each sequence to a view of its context in the cache 30-50 ms;
+one batched SDPA over contexts gathered into a padded buffer 53-85 ms; per-sequence gathers
+50-95 ms. So with host block tables (every eager step):
+
+- a context held in one run of consecutive blocks is a plain view of the cache;
+- a decode row whose context spans a few runs (up to MAX_RUNS, e.g. a cached prefix shared with
+  other sequences, then private blocks) attends to each run's view and merges the partial results
+  by their log-sum-exp, still without copying;
+- other contexts are gathered block by block into a small reused workspace that stays in cache.
+
+Without host block tables (the static buffers of decode graphs) a group is attended in one
+batched call: one `index_select` of whole blocks gathers every context, padded to the widest
+block table, and one SDPA call attends all sequences under a boolean mask derived once per step.
 
 GQA is handled by folding the query heads that share a KV head into the query-length dimension
 ([S, kv_heads, group * q_len, head_dim]) instead of expanding K/V or passing `enable_gqa`: with a
-boolean mask this keeps PyTorch on its fused CPU flash kernel (measured on this repo's benchmark
-model: fold 3.0 ms vs enable_gqa 4.5 ms per call at 64 decode rows x 384 keys, fp32; the math
-kernel takes 120 ms).
+boolean mask this keeps PyTorch on its fused CPU flash kernel (fold 3.0 ms vs enable_gqa 4.5 ms
+per call at 64 decode rows x 384 keys, fp32; the math kernel takes 120 ms).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from engine.llm.attention import SpanGroup
+
+MAX_RUNS = 4  # decode contexts in up to this many runs of blocks are attended without a copy
+_flash_with_lse = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 class Workspace:
@@ -81,8 +95,63 @@ def _mask(group: SpanGroup, num_keys: int, window: int | None) -> torch.Tensor:
     return mask[:, None]
 
 
+@dataclass
+class _SeqPlan:
+    row: int  # first packed row of its queries
+    q_len: int
+    first_key: int  # keys [first_key, context_len) are visible to its last query
+    context_len: int
+    runs: list[tuple[int, int]] | None  # (first slot, length) views covering the visible keys
+    blocks: torch.Tensor | None = None  # otherwise: blocks to gather, covering [0, context_len)
+    mask: torch.Tensor | None = None  # [fold * q_len, keys] for multi-query rows
+
+
+def _runs(table: list[int], block_size: int, first: int, end: int) -> list[tuple[int, int]]:
+    """Runs of consecutive slots covering positions [first, end) of a sequence."""
+    runs: list[list[int]] = []
+    for i in range(first // block_size, -(-end // block_size)):
+        lo, hi = max(first, i * block_size), min(end, (i + 1) * block_size)
+        slot = table[i] * block_size + lo % block_size
+        if runs and runs[-1][0] + runs[-1][1] == slot:
+            runs[-1][1] += hi - lo
+        else:
+            runs.append([slot, hi - lo])
+    return [(a, n) for a, n in runs]
+
+
+def _plan(group: SpanGroup, block_size: int, window: int | None, fold: int, device: torch.device) -> list[_SeqPlan]:
+    plans = []
+    q_lens = group.query_lens or [1] * group.num_seqs
+    row = group.row_start
+    for table, ctx, q_len in zip(group.host_tables, group.host_context_lens, q_lens):
+        first = max(0, ctx - window) if window is not None and q_len == 1 else 0
+        runs = _runs(table, block_size, first, ctx)
+        plan = _SeqPlan(row, q_len, first, ctx, runs)
+        limit = MAX_RUNS if q_len == 1 and _flash_with_lse is not None else 1
+        if len(runs) > limit:
+            plan.runs = None
+            plan.blocks = torch.tensor(table[:-(-ctx // block_size)], dtype=torch.long, device=device)
+        if q_len > 1 and (window is not None or q_len != ctx or fold > 1):
+            q_pos = torch.arange(ctx - q_len, ctx, device=device)[:, None]
+            k_pos = torch.arange(ctx, device=device)[None, :]
+            mask = k_pos <= q_pos
+            if window is not None:
+                mask &= k_pos > q_pos - window
+            plan.mask = mask.repeat(fold, 1)
+        plans.append(plan)
+        row += q_len
+    return plans
+
+
+def _merge(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch.Tensor:
+    """Combine attention over disjoint key sets from each part's output and log-sum-exp."""
+    weights = torch.softmax(torch.stack(lses), dim=0).unsqueeze(-1)  # [R, 1, kv_heads, rows, 1]
+    return (torch.stack(outs).float() * weights).sum(0)
+
+
 class TorchBackend:
-    """One padded, masked SDPA call per span group and layer."""
+    """Per-sequence attention over views of the cache when host block tables are known, else one
+    padded, masked SDPA call per span group and layer."""
 
     def __init__(self, dtype: torch.dtype, device: torch.device):
         self.workspace = Workspace(dtype, device)
@@ -93,6 +162,45 @@ class TorchBackend:
 
     def attend(self, group: SpanGroup, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                out: torch.Tensor, scale: float, window: int | None) -> None:
+        if group.host_tables is None:
+            self.attend_padded(group, query, k_cache, v_cache, out, scale, window)
+        else:
+            self.attend_each(group, query, k_cache, v_cache, out, scale, window)
+
+    def attend_each(self, group: SpanGroup, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    out: torch.Tensor, scale: float, window: int | None) -> None:
+        block_size, kv_heads, head_dim = k_cache.shape[1:]
+        heads = query.shape[1]
+        fold = heads // kv_heads
+        key = ("plan", window)
+        if key not in group.cache:
+            group.cache[key] = _plan(group, block_size, window, fold, k_cache.device)
+        k_flat, v_flat = k_cache.view(-1, kv_heads, head_dim), v_cache.view(-1, kv_heads, head_dim)
+        for plan in group.cache[key]:
+            q = query.narrow(0, plan.row, plan.q_len).view(plan.q_len, kv_heads, fold, head_dim)
+            q = q.permute(1, 2, 0, 3).reshape(1, kv_heads, fold * plan.q_len, head_dim)
+            if plan.runs is None:
+                width = plan.blocks.shape[0]
+                kbuf, vbuf = self.workspace.buffers((width, block_size, kv_heads, head_dim))
+                k = torch.index_select(k_cache, 0, plan.blocks, out=kbuf).view(-1, kv_heads, head_dim)
+                v = torch.index_select(v_cache, 0, plan.blocks, out=vbuf).view(-1, kv_heads, head_dim)
+                views = [(k[plan.first_key:plan.context_len], v[plan.first_key:plan.context_len])]
+            else:
+                views = [(k_flat.narrow(0, a, n), v_flat.narrow(0, a, n)) for a, n in plan.runs]
+            if len(views) == 1:
+                k, v = (t.transpose(0, 1).unsqueeze(0) for t in views[0])
+                causal = plan.q_len > 1 and plan.mask is None
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, is_causal=causal, scale=scale)
+            else:
+                parts = [_flash_with_lse(q, k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+                                         scale=scale)[:2] for k, v in views]
+                o = _merge([p[0] for p in parts], [p[1] for p in parts])
+            # [1, kv_heads, fold * q_len, D] -> [q_len, heads, D]
+            o = o.view(kv_heads, fold, plan.q_len, head_dim).permute(2, 0, 1, 3).reshape(plan.q_len, heads, head_dim)
+            out.narrow(0, plan.row, plan.q_len).copy_(o)
+
+    def attend_padded(self, group: SpanGroup, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      out: torch.Tensor, scale: float, window: int | None) -> None:
         num_seqs, width = group.block_tables.shape
         block_size, kv_heads, head_dim = k_cache.shape[1:]
         num_keys = width * block_size

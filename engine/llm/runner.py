@@ -100,9 +100,11 @@ class ModelRunner:
             tables[row, :w] = s.block_table[:w]
         int32 = {"dtype": torch.int32, "device": self.device}
         q_max = max(num_tokens)
+        host_tables = [s.block_table[:w] for s, w in zip(seqs, widths)]
         return SpanGroup(row_start, sum(num_tokens), torch.from_numpy(tables).to(self.device),
                          torch.tensor(contexts, **int32), torch.tensor(list(accumulate(num_tokens, initial=0)), **int32),
-                         q_max, query_lens=list(num_tokens) if q_max > 1 else None)
+                         q_max, query_lens=list(num_tokens) if q_max > 1 else None,
+                         host_tables=host_tables, host_context_lens=contexts)
 
     def prepare(self, seqs: list[Sequence], num_tokens: list[int], prompt_logprob_seqs: frozenset[int] = frozenset()):
         """Pack the step. Returns (model kwargs, LM-head rows, sequences sampled in row order,
