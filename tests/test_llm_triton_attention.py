@@ -5,58 +5,13 @@ powers of two, scattered block tables; and the whole engine decoding greedily th
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
 from engine.llm import triton_paged  # noqa: E402  (conftest sets TRITON_INTERPRET=1 without CUDA)
-
-
-def reference(query, k_cache, v_cache, tables, ctx_lens, q_lens, scale, window):
-    """Attention of each sequence's queries (its last q_len positions) over its context."""
-    heads, kv_heads = query.shape[1], k_cache.shape[2]
-    block_size = k_cache.shape[1]
-    out, row = [], 0
-    for table, ctx, q_len in zip(tables, ctx_lens, q_lens):
-        slots = [table[p // block_size] * block_size + p % block_size for p in range(ctx)]
-        k = k_cache.reshape(-1, kv_heads, k_cache.shape[3])[slots].float()
-        v = v_cache.reshape(-1, kv_heads, v_cache.shape[3])[slots].float()
-        q = query[row:row + q_len].float()
-        for j in range(q_len):
-            pos = ctx - q_len + j
-            keys = torch.arange(ctx)
-            visible = keys <= pos
-            if window is not None:
-                visible &= keys > pos - window
-            per_head = []
-            for h in range(heads):
-                kh = h // (heads // kv_heads)
-                scores = (k[:, kh] @ q[j, h]) * scale
-                scores[~visible] = float("-inf")
-                per_head.append(torch.softmax(scores, 0) @ v[:, kh])
-            out.append(torch.stack(per_head))
-        row += q_len
-    return torch.stack(out)
-
-
-def make_case(seed, block_size, heads, kv_heads, head_dim, spans, dtype=torch.float32, num_blocks=40):
-    """spans: (context_len, q_len) per sequence; block tables are random, non-contiguous."""
-    gen = torch.Generator().manual_seed(seed)
-    rng = random.Random(seed)
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen).to(dtype)
-    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen).to(dtype)
-    free = list(range(num_blocks))
-    rng.shuffle(free)
-    tables = [[free.pop() for _ in range(-(-ctx // block_size))] for ctx, _ in spans]
-    width = max(len(t) for t in tables)
-    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-    total = sum(q for _, q in spans)
-    query = torch.randn(total, heads, head_dim, generator=gen).to(dtype)
-    starts = torch.tensor([0] + list(torch.tensor([q for _, q in spans]).cumsum(0)), dtype=torch.int32)
-    return query, k_cache, v_cache, tables, padded, starts
+from tests.test_llm_attention import make_case, reference  # noqa: E402
 
 
 CASES = [
