@@ -191,12 +191,6 @@ def run_generate_batch(model, work, args) -> tuple[int, float]:
 
 # -- fresh vs fragmented block pool -------------------------------------------------------------
 
-def free_runs(engine) -> int:
-    """Maximal runs of consecutive free block ids: 1 on a fresh pool, larger as it fragments."""
-    free = sorted(engine.block_manager.free)
-    return sum(1 for i, b in enumerate(free) if i == 0 or free[i - 1] + 1 != b)
-
-
 async def _stream(engine, request_id, prompt, n, stop_after=None) -> int:
     from engine.llm.types import GenerationRequest, SamplingParams
 
@@ -226,14 +220,33 @@ def mixed_traffic(engine, vocab: int, seed: int, num_requests: int) -> None:
     asyncio.run(main())
 
 
-def run_probe(engine, work, label) -> tuple[int, float]:
+def table_runs(table: list[int]) -> int:
+    return sum(1 for i, b in enumerate(table) if i == 0 or table[i - 1] + 1 != b)
+
+
+def run_probe(engine, work, label) -> tuple[int, float, float]:
+    """Output tokens, seconds, and the mean number of block runs per sequence over its steps
+    (1 = every context in consecutive blocks)."""
+    runs, rows = [0], [0]
+    execute = engine.runner.execute
+
+    def counting(seqs, num_tokens, *rest):
+        runs[0] += sum(table_runs(s.block_table) for s in seqs)
+        rows[0] += len(seqs)
+        return execute(seqs, num_tokens, *rest)
+
+    engine.runner.execute = counting
+
     async def main():
         return await asyncio.gather(*(_stream(engine, f"{label}-{i}", p, n) for i, (p, n) in enumerate(work)))
 
     start = time.perf_counter()
-    tokens = sum(asyncio.run(main()))
-    sync(engine.runner.device.type)
-    return tokens, time.perf_counter() - start
+    try:
+        tokens = sum(asyncio.run(main()))
+        sync(engine.runner.device.type)
+    finally:
+        engine.runner.execute = execute
+    return tokens, time.perf_counter() - start, runs[0] / max(rows[0], 1)
 
 
 def fragment_benchmark(model, tokenizer, args) -> dict:
@@ -241,26 +254,24 @@ def fragment_benchmark(model, tokenizer, args) -> dict:
 
     config = LLMEngineConfig(kv_cache_bytes=args.kv_cache_mib * 2**20 if args.device == "cpu" else None,
                              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batch_tokens)
-    probe = make_workload(64, args.seed, model.config.vocab_size, (128, 256), (32, 64) if args.quick else (64, 128))
+    probe = make_workload(64, args.seed, model.config.vocab_size, (128, 256), (16, 32) if args.quick else (64, 128))
     engine = LLMEngine(model, tokenizer, config)
     try:
         run_probe(engine, [(p, 4) for p, _ in probe[:2]], "warm")
         fresh = run_probe(engine, probe, "fresh")
-        runs_fresh = free_runs(engine)
-        for wave in range(2 if args.quick else 4):
-            mixed_traffic(engine, model.config.vocab_size, seed=wave, num_requests=96)
-        runs_fragmented = free_runs(engine)
+        for wave in range(1 if args.quick else 4):
+            mixed_traffic(engine, model.config.vocab_size, seed=wave, num_requests=64 if args.quick else 96)
         fragmented = run_probe(engine, probe, "fragmented")
     finally:
         engine.close()
     set_attention(model, "sdpa")
     report = {"fresh_tok_s": fresh[0] / fresh[1], "fragmented_tok_s": fragmented[0] / fragmented[1],
-              "free_runs_fresh": runs_fresh, "free_runs_fragmented": runs_fragmented,
+              "mean_block_runs_fresh": fresh[2], "mean_block_runs_fragmented": fragmented[2],
               "num_blocks": engine.block_manager.num_blocks}
     report["fragmented_over_fresh"] = report["fragmented_tok_s"] / report["fresh_tok_s"]
-    print(f"\n{'pool':12s} {'tok/s':>9s} {'free runs':>10s}")
-    print(f"{'fresh':12s} {report['fresh_tok_s']:9.1f} {runs_fresh:10d}")
-    print(f"{'fragmented':12s} {report['fragmented_tok_s']:9.1f} {runs_fragmented:10d}")
+    print(f"\n{'pool':12s} {'tok/s':>9s} {'block runs per sequence':>24s}")
+    print(f"{'fresh':12s} {report['fresh_tok_s']:9.1f} {fresh[2]:24.2f}")
+    print(f"{'fragmented':12s} {report['fragmented_tok_s']:9.1f} {fragmented[2]:24.2f}")
     print(f"fragmented / fresh = {report['fragmented_over_fresh']:.2f} "
           f"({report['num_blocks']} blocks of {config.block_size} tokens)")
     return report

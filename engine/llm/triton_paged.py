@@ -1,6 +1,8 @@
 """A Triton paged-attention kernel that reads K/V in place through block tables.
 
-One program handles BLOCK_M queries of one sequence and one query head; it walks the sequence's
+One program handles one sequence and one KV head, and BLOCK_M rows of (query position, query head
+of that KV head's group) pairs, so the query heads sharing a KV head read each key once (for a
+decode row of Llama-3-8B, all 4 query heads of a group fill one tile). It walks the sequence's
 context BLOCK_N keys at a time, looking every key's block up in the block table (so any block size
 works, powers of two or not), with an online softmax in float32. It covers decode rows (one query
 over the whole context) and prefill chunks that continue a cached context: a sequence's queries
@@ -36,24 +38,25 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SLIDING: tl.constexpr,
     ):
         seq = tl.program_id(0)
-        head = tl.program_id(1)
+        kv_head = tl.program_id(1)
         m_block = tl.program_id(2)
         q_start = tl.load(query_starts + seq)
         q_len = tl.load(query_starts + seq + 1) - q_start
-        if m_block * BLOCK_M < q_len:
+        if m_block * BLOCK_M < q_len * group_size:
             ctx = tl.load(context_lens + seq)
-            kv_head = head // group_size
-            offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_r = m_block * BLOCK_M + tl.arange(0, BLOCK_M)  # row = query index * group + head in group
+            offs_m = offs_r // group_size
+            head = kv_head * group_size + offs_r % group_size
             offs_d = tl.arange(0, BLOCK_D)
             m_valid = offs_m < q_len
             d_valid = offs_d < head_dim
-            q = tl.load(Q + (q_start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+            q = tl.load(Q + (q_start + offs_m)[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                         mask=m_valid[:, None] & d_valid[None, :], other=0.0)
             q_pos = ctx - q_len + offs_m
-            hi = tl.minimum(ctx, ctx - q_len + (m_block + 1) * BLOCK_M)
+            hi = tl.minimum(ctx, ctx - q_len + ((m_block + 1) * BLOCK_M - 1) // group_size + 1)
             lo = 0
             if SLIDING:
-                lo = tl.maximum(0, ctx - q_len + m_block * BLOCK_M - window + 1)
+                lo = tl.maximum(0, ctx - q_len + (m_block * BLOCK_M) // group_size - window + 1)
                 lo = (lo // BLOCK_N) * BLOCK_N
             m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
             l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
@@ -82,7 +85,7 @@ if triton is not None:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
                 m_i = m_new
             out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-            tl.store(O + (q_start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+            tl.store(O + (q_start + offs_m)[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
                      out.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
 
 
@@ -99,7 +102,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     for t in (query, out, k_cache, v_cache):
         assert t.stride(-1) == 1, "the last dimension must be contiguous"
     block_m = 16
-    grid = (num_seqs, heads, triton.cdiv(max_query_len, block_m))
+    grid = (num_seqs, kv_heads, triton.cdiv(max_query_len * (heads // kv_heads), block_m))
     paged_attention_kernel[grid](
         query, k_cache, v_cache, out, block_tables, context_lens, query_starts, scale,
         window if window is not None else 0,
