@@ -39,8 +39,7 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/offline_llm.py` too
 
-from benchmarks.common import device_label  # noqa: E402
-
+from benchmarks.common import device_label
 
 # -- model, tokenizer, workload ------------------------------------------------------------------
 

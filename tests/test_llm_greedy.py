@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from engine.llm.types import GenerationRequest
 from engine.llm.cuda_graphs import DecodeGraphs
+from engine.llm.types import GenerationRequest
 from tests.llm_fixtures import (
     greedy,
     make_engine,

@@ -10,9 +10,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from engine.llm import triton_paged  # noqa: E402  (conftest sets TRITON_INTERPRET=1 without CUDA)
-from tests.test_llm_attention import make_case, reference  # noqa: E402
-
+from engine.llm import triton_paged
+from tests.test_llm_attention import make_case, reference
 
 CASES = [
     # block_size, heads, kv_heads, head_dim, [(context_len, q_len)], window
@@ -83,8 +82,8 @@ def test_engine_decodes_greedily_through_the_kernel(llama, tokenizer):
     """The whole engine (chunked prefill, prefix hits, decode graphs' static buffers) with the
     Triton kernel as its attention backend."""
     from engine.llm.attention_cuda import TritonBackend
-    from tests.test_llm_greedy import EagerGraphs, check_greedy, with_graphs, workload
     from tests.llm_fixtures import make_engine
+    from tests.test_llm_greedy import EagerGraphs, check_greedy, with_graphs, workload
 
     prompts, max_new = workload(5, len(tokenizer), seed=13, lengths=(10, 40), max_new=(4, 10))
     engine = make_engine(llama, tokenizer, max_num_batched_tokens=24, block_size=8)
