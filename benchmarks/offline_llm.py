@@ -18,9 +18,11 @@ vs. a measured device copy bandwidth), which is the meaningful yardstick on a GP
     python -m benchmarks.offline_llm --device cuda # Llama-2-7B shape, bf16
     python -m benchmarks.offline_llm --fragment    # fresh vs fragmented block pool, same probe
 
---fragment measures one engine twice on the same 64-request probe: once fresh, and once after
-mixed streaming traffic (varied prompt and output lengths, staggered arrivals, a third of the
-requests aborted part-way) has scattered its free blocks, printing both side by side.
+--fragment measures one engine twice on a 64-request probe: once fresh, and once (same shapes,
+other tokens, so no prefix-cache hits) after mixed streaming traffic (varied prompt and output
+lengths, staggered arrivals, a third of the requests aborted part-way) went through its block
+pool, printing both side by side with the mean number of block runs per sequence (1 = contiguous).
+A smaller --kv-cache-mib puts the pool under pressure, where contexts do get scattered.
 """
 
 from __future__ import annotations
@@ -260,7 +262,9 @@ def fragment_benchmark(model, tokenizer, args) -> dict:
         fresh = run_probe(engine, probe, "fresh")
         for wave in range(1 if args.quick else 4):
             mixed_traffic(engine, model.config.vocab_size, seed=wave, num_requests=64 if args.quick else 96)
-        fragmented = run_probe(engine, probe, "fragmented")
+        # the same shapes with other tokens: the fresh run's prompts must not be prefix-cache hits
+        shifted = [([t % (model.config.vocab_size - 1) + 1 for t in p], n) for p, n in probe]
+        fragmented = run_probe(engine, shifted, "fragmented")
     finally:
         engine.close()
     set_attention(model, "sdpa")
