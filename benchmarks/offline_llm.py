@@ -392,7 +392,8 @@ def main() -> None:
         report = {"device": device_label(args.device), "args": vars(args), "fragment": fragment_benchmark(
             model, tokenizer, args)}
         RESULTS.mkdir(parents=True, exist_ok=True)
-        path = RESULTS / f"fragment_llm_{report['device']}_{args.dtype or 'default'}{'_quick' if args.quick else ''}.json"
+        name = f"fragment_llm_{report['device']}_{args.dtype or 'default'}_kv{args.kv_cache_mib}mib"
+        path = RESULTS / f"{name}{'_quick' if args.quick else ''}.json"
         path.write_text(json.dumps(report, indent=2))
         print(f"saved {path}")
         return
