@@ -143,6 +143,15 @@ def _plan(group: SpanGroup, block_size: int, window: int | None, fold: int, devi
     return plans
 
 
+def _heads_view(cache: torch.Tensor, first_slot: int, length: int) -> torch.Tensor:
+    """Slots [first_slot, first_slot + length) of a [blocks, block_size, kv_heads, D] cache (or
+    workspace) as a [1, kv_heads, length, D] view, in one op."""
+    kv_heads, head_dim = cache.shape[2:]
+    row = kv_heads * head_dim
+    return cache.as_strided((1, kv_heads, length, head_dim), (length * row, head_dim, row, 1),
+                            cache.storage_offset() + first_slot * row)
+
+
 def _merge(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch.Tensor:
     """Combine attention over disjoint key sets from each part's output and log-sum-exp."""
     weights = torch.softmax(torch.stack(lses), dim=0).unsqueeze(-1)  # [R, 1, kv_heads, rows, 1]
@@ -175,29 +184,36 @@ class TorchBackend:
         key = ("plan", window)
         if key not in group.cache:
             group.cache[key] = _plan(group, block_size, window, fold, k_cache.device)
-        k_flat, v_flat = k_cache.view(-1, kv_heads, head_dim), v_cache.view(-1, kv_heads, head_dim)
+        single = group.max_query_len == 1
+        outputs = []
         for plan in group.cache[key]:
-            q = query.narrow(0, plan.row, plan.q_len).view(plan.q_len, kv_heads, fold, head_dim)
-            q = q.permute(1, 2, 0, 3).reshape(1, kv_heads, fold * plan.q_len, head_dim)
+            if single:  # [heads, D] -> [1, kv_heads, fold, D], a view
+                q = query[plan.row].reshape(1, kv_heads, fold, head_dim)
+            else:
+                q = query.narrow(0, plan.row, plan.q_len).view(plan.q_len, kv_heads, fold, head_dim)
+                q = q.permute(1, 2, 0, 3).reshape(1, kv_heads, fold * plan.q_len, head_dim)
             if plan.runs is None:
                 width = plan.blocks.shape[0]
                 kbuf, vbuf = self.workspace.buffers((width, block_size, kv_heads, head_dim))
-                k = torch.index_select(k_cache, 0, plan.blocks, out=kbuf).view(-1, kv_heads, head_dim)
-                v = torch.index_select(v_cache, 0, plan.blocks, out=vbuf).view(-1, kv_heads, head_dim)
-                views = [(k[plan.first_key:plan.context_len], v[plan.first_key:plan.context_len])]
+                torch.index_select(k_cache, 0, plan.blocks, out=kbuf)
+                torch.index_select(v_cache, 0, plan.blocks, out=vbuf)
+                run = (plan.first_key, plan.context_len - plan.first_key)
+                views = [(_heads_view(kbuf, *run), _heads_view(vbuf, *run))]
             else:
-                views = [(k_flat.narrow(0, a, n), v_flat.narrow(0, a, n)) for a, n in plan.runs]
+                views = [(_heads_view(k_cache, a, n), _heads_view(v_cache, a, n)) for a, n in plan.runs]
             if len(views) == 1:
-                k, v = (t.transpose(0, 1).unsqueeze(0) for t in views[0])
                 causal = plan.q_len > 1 and plan.mask is None
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, is_causal=causal, scale=scale)
+                o = F.scaled_dot_product_attention(q, *views[0], attn_mask=plan.mask, is_causal=causal, scale=scale)
             else:
-                parts = [_flash_with_lse(q, k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
-                                         scale=scale)[:2] for k, v in views]
+                parts = [_flash_with_lse(q, k, v, scale=scale)[:2] for k, v in views]
                 o = _merge([p[0] for p in parts], [p[1] for p in parts])
-            # [1, kv_heads, fold * q_len, D] -> [q_len, heads, D]
-            o = o.view(kv_heads, fold, plan.q_len, head_dim).permute(2, 0, 1, 3).reshape(plan.q_len, heads, head_dim)
-            out.narrow(0, plan.row, plan.q_len).copy_(o)
+            if single:
+                outputs.append(o)
+            else:  # [1, kv_heads, fold * q_len, D] -> [q_len, heads, D]
+                o = o.view(kv_heads, fold, plan.q_len, head_dim).permute(2, 0, 1, 3)
+                out.narrow(0, plan.row, plan.q_len).copy_(o.reshape(plan.q_len, heads, head_dim))
+        if single:
+            out.narrow(0, group.row_start, group.num_rows).copy_(torch.cat(outputs).view(-1, heads, head_dim))
 
     def attend_padded(self, group: SpanGroup, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       out: torch.Tensor, scale: float, window: int | None) -> None:
