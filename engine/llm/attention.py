@@ -12,8 +12,9 @@ chunks. It passes no transformers cache; instead every attention layer receives 
    that padding rows write to and attend to;
 2. hands the two `SpanGroup`s (single-query rows, multi-query rows) to the runner's backend, which
    attends every query to its sequence's context through the group's block tables:
-   attention_cpu.py (one gather and one SDPA call per group and layer) or attention_cuda.py (a
-   Triton paged-attention kernel that reads the cache in place, or flash-attn's block-table entry).
+   attention_cpu.py (SDPA over views of the cache; gathers only for scattered contexts) or
+   attention_cuda.py (a Triton paged-attention kernel that reads the cache in place, or
+   flash-attn's block-table entry).
 
 Sliding-window layers (Mistral, Qwen2/3 when enabled) pass `sliding_window`; a query at position p
 sees keys k with p - window < k <= p, exactly as transformers' own masks do. GQA never expands
