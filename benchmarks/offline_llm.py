@@ -16,6 +16,13 @@ vs. a measured device copy bandwidth), which is the meaningful yardstick on a GP
     python -m benchmarks.offline_llm               # CPU, the full workload (about 10 min on 2 cores)
     python -m benchmarks.offline_llm --quick       # a few minutes
     python -m benchmarks.offline_llm --device cuda # Llama-2-7B shape, bf16
+    python -m benchmarks.offline_llm --fragment    # fresh vs fragmented block pool, same probe
+
+--fragment measures one engine twice on a 64-request probe: once fresh, and once (same shapes,
+other tokens, so no prefix-cache hits) after mixed streaming traffic (varied prompt and output
+lengths, staggered arrivals, a third of the requests aborted part-way) went through its block
+pool, printing both side by side with the mean number of block runs per sequence (1 = contiguous).
+A smaller --kv-cache-mib puts the pool under pressure, where contexts do get scattered.
 """
 
 from __future__ import annotations
@@ -34,8 +41,7 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/offline_llm.py` too
 
-from benchmarks.common import device_label  # noqa: E402
-
+from benchmarks.common import device_label
 
 # -- model, tokenizer, workload ------------------------------------------------------------------
 
@@ -184,6 +190,102 @@ def run_generate_batch(model, work, args) -> tuple[int, float]:
     return tokens, elapsed
 
 
+# -- fresh vs fragmented block pool -------------------------------------------------------------
+
+async def _stream(engine, request_id, prompt, n, stop_after=None) -> int:
+    from engine.llm.types import GenerationRequest, SamplingParams
+
+    count = 0
+    params = SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)
+    async for delta in engine.generate(GenerationRequest(request_id, prompt, params)):
+        count += len(delta.token_ids)
+        if stop_after is not None and count >= stop_after:
+            engine.abort(request_id)
+    return count
+
+
+def mixed_traffic(engine, vocab: int, seed: int, num_requests: int) -> None:
+    """Streaming requests of varied lengths arriving over time; a third abort part-way."""
+    rng = random.Random(seed)
+
+    async def one(i):
+        await asyncio.sleep(rng.random() * 2.0)
+        prompt = [rng.randrange(1, vocab) for _ in range(rng.choice((8, 40, 150, 400)) + rng.randint(0, 30))]
+        n = rng.randint(1, 160)
+        stop_after = rng.randint(1, n) if i % 3 == 0 else None
+        await _stream(engine, f"mix{seed}-{i}", prompt, n, stop_after)
+
+    async def main():
+        await asyncio.gather(*(one(i) for i in range(num_requests)))
+
+    asyncio.run(main())
+
+
+def table_runs(table: list[int]) -> int:
+    return sum(1 for i, b in enumerate(table) if i == 0 or table[i - 1] + 1 != b)
+
+
+def run_probe(engine, work, label) -> tuple[int, float, float]:
+    """Output tokens, seconds, and the mean number of block runs per sequence over its steps
+    (1 = every context in consecutive blocks)."""
+    runs, rows = [0], [0]
+    execute = engine.runner.execute
+
+    def counting(seqs, num_tokens, *rest):
+        runs[0] += sum(table_runs(s.block_table) for s in seqs)
+        rows[0] += len(seqs)
+        return execute(seqs, num_tokens, *rest)
+
+    engine.runner.execute = counting
+
+    async def main():
+        return await asyncio.gather(*(_stream(engine, f"{label}-{i}", p, n) for i, (p, n) in enumerate(work)))
+
+    start = time.perf_counter()
+    try:
+        tokens = sum(asyncio.run(main()))
+        sync(engine.runner.device.type)
+    finally:
+        engine.runner.execute = execute
+    return tokens, time.perf_counter() - start, runs[0] / max(rows[0], 1)
+
+
+def fragment_benchmark(model, tokenizer, args) -> dict:
+    from engine.llm.engine import LLMEngine, LLMEngineConfig
+
+    config = LLMEngineConfig(kv_cache_bytes=args.kv_cache_mib * 2**20 if args.device == "cpu" else None,
+                             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batch_tokens)
+    probe = make_workload(64, args.seed, model.config.vocab_size, (128, 256), (16, 32) if args.quick else (64, 128))
+    # Warm-up on a throwaway engine: the first pass through new GEMM/attention shapes pays one-off
+    # costs (measured ~2x slower) that would otherwise land on the fresh run only.
+    warm = LLMEngine(model, tokenizer, config)
+    try:
+        run_probe(warm, [([t % (model.config.vocab_size - 2) + 2 for t in p], n) for p, n in probe], "warm")
+    finally:
+        warm.close()
+    engine = LLMEngine(model, tokenizer, config)
+    try:
+        fresh = run_probe(engine, probe, "fresh")
+        for wave in range(1 if args.quick else 4):
+            mixed_traffic(engine, model.config.vocab_size, seed=wave, num_requests=64 if args.quick else 96)
+        # the same shapes with other tokens: the fresh run's prompts must not be prefix-cache hits
+        shifted = [([t % (model.config.vocab_size - 1) + 1 for t in p], n) for p, n in probe]
+        fragmented = run_probe(engine, shifted, "fragmented")
+    finally:
+        engine.close()
+    set_attention(model, "sdpa")
+    report = {"fresh_tok_s": fresh[0] / fresh[1], "fragmented_tok_s": fragmented[0] / fragmented[1],
+              "mean_block_runs_fresh": fresh[2], "mean_block_runs_fragmented": fragmented[2],
+              "num_blocks": engine.block_manager.num_blocks}
+    report["fragmented_over_fresh"] = report["fragmented_tok_s"] / report["fresh_tok_s"]
+    print(f"\n{'pool':12s} {'tok/s':>9s} {'block runs per sequence':>24s}")
+    print(f"{'fresh':12s} {report['fresh_tok_s']:9.1f} {fresh[2]:24.2f}")
+    print(f"{'fragmented':12s} {report['fragmented_tok_s']:9.1f} {fragmented[2]:24.2f}")
+    print(f"fragmented / fresh = {report['fragmented_over_fresh']:.2f} "
+          f"({report['num_blocks']} blocks of {config.block_size} tokens)")
+    return report
+
+
 # -- batch-1 decode and roofline -----------------------------------------------------------------
 
 def copy_bandwidth(device: str) -> float:
@@ -268,6 +370,10 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-batch-tokens", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fragment", action="store_true",
+                    help="only compare one engine fresh and after mixed traffic fragmented its block pool")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="model dtype (default: "
+                    "float32 on CPU, bfloat16 on CUDA)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["sequential", "padded", "generate_batch", "batch1"])
     args = ap.parse_args()
     prompt_range, output_range = (16, 256), (8, 256)
@@ -278,8 +384,19 @@ def main() -> None:
         prompt_range, output_range = (16, 128), (8, 128)
 
     model = build_model(args.device)
+    if args.dtype is not None:
+        model.to(getattr(torch, args.dtype))
     tokenizer = build_tokenizer(model.config.vocab_size)
     set_attention(model, "sdpa")
+    if args.fragment:
+        report = {"device": device_label(args.device), "args": vars(args), "fragment": fragment_benchmark(
+            model, tokenizer, args)}
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        name = f"fragment_llm_{report['device']}_{args.dtype or 'default'}_kv{args.kv_cache_mib}mib"
+        path = RESULTS / f"{name}{'_quick' if args.quick else ''}.json"
+        path.write_text(json.dumps(report, indent=2))
+        print(f"saved {path}")
+        return
     work = make_workload(args.num_requests, args.seed, model.config.vocab_size, prompt_range, output_range)
     print(f"device {device_label(args.device)}; {args.num_requests} requests, prompts {prompt_range}, "
           f"outputs {output_range}, {sum(n for _, n in work)} output tokens; repeats {args.repeats}", flush=True)

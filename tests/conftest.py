@@ -13,6 +13,11 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["HF_HUB_OFFLINE"] = "1"
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():  # Triton kernels then run on CPU tensors through its interpreter;
+        os.environ["TRITON_INTERPRET"] = "1"  # it must be set before anything imports triton
 
 pytest_plugins = ["tests.llm_fixtures", "tests.video_fixtures"]
 

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from engine.llm.cuda_graphs import DecodeGraphs
 from engine.llm.types import GenerationRequest
 from tests.llm_fixtures import (
     greedy,
@@ -69,14 +70,6 @@ def test_greedy_under_preemption(llama, tokenizer):
     assert stats["preemptions"] > 0
 
 
-def test_greedy_with_padded_decode_path(llama, tokenizer):
-    """The CUDA decode path (one padded SDPA over gathered contexts), forced on CPU."""
-    prompts, max_new = workload(8, len(tokenizer), seed=7)
-    engine = make_engine(llama, tokenizer)
-    engine.runner.padded_decode = True
-    check_greedy(llama, engine, prompts, max_new, waves=2)
-
-
 def test_greedy_with_few_seats(llama, tokenizer):
     prompts, max_new = workload(9, len(tokenizer), seed=5)
     engine = make_engine(llama, tokenizer, max_num_seqs=2, enable_prefix_caching=False)
@@ -111,53 +104,104 @@ def test_greedy_other_architectures(tokenizer, arch):
     check_greedy(model, engine, prompts, max_new, waves=2)
 
 
-def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, causal=True, window_size=(-1, -1)):
-    """flash_attn_varlen_func's contract in plain PyTorch (causal aligned to the bottom right)."""
-    outs = []
-    for i in range(len(cu_q) - 1):
-        qi = q[cu_q[i]:cu_q[i + 1]].transpose(0, 1)[None]
-        ki, vi = (t[cu_k[i]:cu_k[i + 1]].transpose(0, 1)[None] for t in (k, v))
-        q_pos = torch.arange(ki.shape[2] - qi.shape[2], ki.shape[2])[:, None]
-        k_pos = torch.arange(ki.shape[2])[None, :]
-        mask = k_pos <= q_pos
-        if window_size[0] >= 0:
-            mask &= k_pos >= q_pos - window_size[0]
-        out = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=softmax_scale,
-                                                               enable_gqa=True)
-        outs.append(out[0].transpose(0, 1))
-    return torch.cat(outs)
+class EagerGraphs(DecodeGraphs):
+    """The CUDA-graph bookkeeping (buckets, static buffers, padding rows, scratch block) on CPU:
+    "capturing" runs the forward once, "replaying" runs it again on the static buffers."""
+
+    def _record(self, forward, attn):
+        out = forward().clone()
+
+        class Replay:
+            def replay(self):
+                attn.single.cache.clear()
+                out.copy_(forward())
+
+        return Replay(), out
 
 
-def test_greedy_with_varlen_path(llama, tokenizer, monkeypatch):
-    """The CUDA flash-attn path's packing (slots, cu_seqlens), with a PyTorch stand-in for flash."""
-    from engine.llm import attention
-
-    monkeypatch.setattr(attention, "flash_attn_varlen_func", _reference_varlen)
-    prompts, max_new = workload(8, len(tokenizer), seed=8)
-    engine = make_engine(llama, tokenizer, max_num_batched_tokens=50)
-    engine.runner.use_flash = True
-    check_greedy(llama, engine, prompts, max_new, waves=2)
+def with_graphs(engine, max_num_seqs: int = 64, graphs_class=EagerGraphs):
+    engine.runner.graphs = graphs = graphs_class(engine.runner, max_num_seqs, engine.max_model_len)
+    return graphs
 
 
 def test_greedy_with_decode_graphs(llama, tokenizer):
-    """The CUDA-graph decode path's static buffers, padding rows and scratch block, with a recorder
-    that replays eagerly instead of a captured graph."""
-    from engine.llm.cuda_graphs import DecodeGraphs
-
-    class EagerGraphs(DecodeGraphs):
-        def _record(self, forward, attn):
-            out = forward().clone()
-
-            class Replay:
-                def replay(self):
-                    attn._masks.clear()
-                    out.copy_(forward())
-
-            return Replay(), out
-
     prompts, max_new = workload(11, len(tokenizer), seed=9)
     engine = make_engine(llama, tokenizer)
-    engine.runner.padded_decode = True
-    engine.runner.graphs = graphs = EagerGraphs(engine.runner, 64, engine.max_model_len)
+    graphs = with_graphs(engine)
+    assert sorted(graphs.graphs) == graphs.buckets == [1, 2, 4, 8, 16, 24, 32, 48, 64]
     check_greedy(llama, engine, prompts, max_new, waves=2)
-    assert graphs.graphs and graphs.enabled
+    assert graphs.enabled and graphs.replays > 0
+
+
+def test_one_token_prefill_chunks_never_replay_graphs(llama, tokenizer):
+    """C1: with max_num_seqs == max_num_batched_tokens, a step can hold decodes plus a one-token
+    chunk of someone's prompt; every row has one token, but that row must not sample."""
+    prompts, max_new = workload(6, len(tokenizer), seed=10, lengths=(5, 30), max_new=(4, 12))
+    engine = make_engine(llama, tokenizer, max_num_seqs=4, max_num_batched_tokens=4, enable_prefix_caching=False)
+    graphs = with_graphs(engine, 4)
+    mixed_steps = []
+    execute = engine.runner.execute
+
+    def spy(seqs, num_tokens, prompt_logprob_seqs=frozenset()):
+        if all(n == 1 for n in num_tokens) and not engine.runner.is_decode_step(seqs, num_tokens):
+            mixed_steps.append(len(seqs))
+        return execute(seqs, num_tokens, prompt_logprob_seqs)
+
+    engine.runner.execute = spy
+    check_greedy(llama, engine, prompts, max_new)
+    assert mixed_steps, "the workload never produced a one-token prefill chunk beside decodes"
+    assert graphs.enabled and graphs.replays > 0
+
+
+@pytest.mark.parametrize("block_size", [12, 24])
+def test_decode_graphs_with_block_sizes_not_dividing_256(llama, tokenizer, block_size):
+    """C6: the static block tables are sized in blocks of the engine's own block size."""
+    prompts, max_new = workload(9, len(tokenizer), seed=11)
+    engine = make_engine(llama, tokenizer, block_size=block_size)
+    graphs = with_graphs(engine, 16)
+    assert graphs.width == -(-engine.max_model_len // block_size)
+    check_greedy(llama, engine, prompts, max_new)
+    assert graphs.enabled and graphs.replays > 0
+
+
+def test_a_failing_replay_turns_graphs_off_and_the_step_runs_eagerly(llama, tokenizer):
+    class BrokenGraphs(DecodeGraphs):
+        def _record(self, forward, attn):
+            class Replay:
+                def replay(self):
+                    raise RuntimeError("replay failed")
+
+            return Replay(), forward().clone()
+
+    prompts, max_new = workload(5, len(tokenizer), seed=12)
+    engine = make_engine(llama, tokenizer)
+    graphs = with_graphs(engine, 8, BrokenGraphs)
+    check_greedy(llama, engine, prompts, max_new)
+    assert not graphs.enabled and not graphs.graphs and graphs.replays == 0
+
+
+def test_graph_buffers_cover_every_bucket_with_any_context(llama, tokenizer):
+    """Graphs are keyed by batch size only: block tables sized for max_model_len are inputs."""
+    from engine.llm.sequence import Sequence
+    from engine.llm.types import SamplingParams
+
+    engine = make_engine(llama, tokenizer, block_size=16)
+    try:
+        graphs = with_graphs(engine, 24)
+        assert graphs.buckets == [1, 2, 4, 8, 16, 24]
+        assert [graphs.bucket_for(n) for n in (1, 3, 9, 17, 24, 25)] == [1, 4, 16, 24, 24, None]
+        long_ctx = engine.max_model_len - 1
+        seqs = [Sequence(i, f"r{i}", 0, list(range(1, long_ctx + 2 - i * 100)), 5, SamplingParams())
+                for i in range(3)]
+        for i, s in enumerate(seqs):
+            s.num_computed_tokens = s.num_tokens - 1
+            s.block_table = list(range(i, i + -(-s.num_tokens // 16)))
+        graphs.fill(seqs, 4)
+        ctx = graphs.context_lens[:4].tolist()
+        assert ctx == [s.num_tokens for s in seqs] + [1]
+        assert graphs.block_tables[1, :len(seqs[1].block_table)].tolist() == seqs[1].block_table
+        assert graphs.block_tables[3, 0] == engine.runner.scratch_block
+        assert graphs.slot_mapping[3] == engine.runner.scratch_block * 16
+        assert graphs.input_ids[0, :3].tolist() == [s.token_ids[-1] for s in seqs]
+    finally:
+        engine.close()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import inspect
 import logging
 import threading
 from collections import defaultdict, deque
@@ -241,12 +240,7 @@ class EngineCore:
         """The runner's forward pass: (logits of sampled rows, sampled seqs, {seq_id: logits of
         every row this step}) for sequences gathering prompt logprobs."""
         wanted = frozenset(s.seq_id for s in seqs if s.needs_prompt_rows)
-        if not wanted:
-            logits, sampled = self.runner.execute(seqs, num_tokens)[:2]
-            return logits, sampled, {}
-        if "prompt_logprob_seqs" in inspect.signature(self.runner.execute).parameters:
-            return self.runner.execute(seqs, num_tokens, prompt_logprob_seqs=wanted)
-        return _execute_with_all_rows(self.runner, seqs, num_tokens, wanted)
+        return self.runner.execute(seqs, num_tokens, prompt_logprob_seqs=wanted)
 
     def _step(self) -> None:
         batch = self.scheduler.schedule()
@@ -404,20 +398,3 @@ def _deliver(items: list[tuple[asyncio.Queue, list[CoreOutput]]]) -> None:
     for queue, outputs in items:
         queue.put_nowait(outputs)
 
-
-def _execute_with_all_rows(runner, seqs: list[Sequence], num_tokens: list[int], wanted: frozenset[int]):
-    """For a runner without `prompt_logprob_seqs`: the same packed forward pass, keeping the
-    logits of every row, then split into the sampled rows and the wanted sequences' rows. The
-    runner packs decodes first, then the rest, each in batch order."""
-    kwargs, rows, sampled = runner.prepare(seqs, num_tokens)
-    kwargs.pop("logits_to_keep", None)
-    all_logits = runner.model(**kwargs).logits[0]
-    is_decode = [n == 1 and s.num_computed_tokens > 0 for s, n in zip(seqs, num_tokens)]
-    order = [i for i, d in enumerate(is_decode) if d] + [i for i, d in enumerate(is_decode) if not d]
-    prompt_logits: dict[int, torch.Tensor] = {}
-    start = 0
-    for i in order:
-        if seqs[i].seq_id in wanted:
-            prompt_logits[seqs[i].seq_id] = all_logits[start:start + num_tokens[i]].float()
-        start += num_tokens[i]
-    return all_logits[rows].float(), sampled, prompt_logits

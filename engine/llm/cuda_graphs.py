@@ -1,15 +1,16 @@
-"""CUDA graphs for decode-only steps.
+"""CUDA graphs for decode steps, captured at start-up, one per batch-size bucket.
 
 Without graphs, a decode step of a large model at small batch is bound by Python and kernel-launch
-overhead, not by the GPU. A decode step has a fixed shape once its batch size and the longest
-context are rounded up to buckets, so one graph per (batch bucket, context bucket) pair is captured
-the first time that pair is needed and replayed afterwards. Padding rows write their keys into a
-scratch block (the block after the last real one) and attend only to it.
+overhead, not by the GPU. A decode step's kernel shapes depend only on its batch size: the paged
+attention kernel reads block tables and context lengths from tensors, so those are graph inputs
+held in static buffers sized for `max_model_len`, and one graph per batch bucket (up to
+`max_num_seqs`) serves any mix of context lengths (batch 64 at 4K or batch 256 at 1K alike).
+Padding rows write their key into the scratch block (the block after the last real one) and
+attend to it alone.
 
-Graphs share one memory pool and one gather workspace sized for the largest graph; that is why the
-batch x context product of a graph is capped (larger decode steps simply run eagerly). Any error
-while capturing turns graphs off for the engine's lifetime and the step runs eagerly: graphs are
-an optimisation, never a requirement.
+The runner sends a step here only when every sequence computes its last token (see
+`ModelRunner.is_decode_step`); any error while capturing or replaying turns graphs off for the
+engine's lifetime and the step runs eagerly: graphs are an optimisation, never a requirement.
 """
 
 from __future__ import annotations
@@ -17,97 +18,119 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from engine.llm.attention import AttentionBatch, PaddedDecode, Span, Workspace
+from engine.llm.attention import AttentionBatch, SpanGroup
 from engine.llm.sequence import Sequence
 
 logger = logging.getLogger("ember.llm")
 
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-CONTEXT_BUCKET = 256
-MAX_GRAPH_TOKENS = 64 * 1024  # batch bucket x context bucket
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+def batch_buckets(max_num_seqs: int) -> list[int]:
+    return [b for b in BATCH_BUCKETS if b < max_num_seqs] + [max_num_seqs]
 
 
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph  # anything with replay()
-    input_ids: torch.Tensor  # [1, B]
-    positions: torch.Tensor  # [1, B]
-    slot_mapping: torch.Tensor  # [B]
-    slots: torch.Tensor  # [B * L]
-    lens: torch.Tensor  # [B]
-    logits: torch.Tensor  # [B, vocab]
+    logits: torch.Tensor  # [B, vocab], written by every replay
     batch: AttentionBatch  # keeps the captured tensors alive
 
 
 class DecodeGraphs:
     def __init__(self, runner, max_num_seqs: int, max_model_len: int):
         self.runner = runner
-        self.buckets = [b for b in BATCH_BUCKETS if b < max_num_seqs] + [max_num_seqs]
-        self.max_len = -(-max_model_len // CONTEXT_BUCKET) * CONTEXT_BUCKET
-        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.buckets = batch_buckets(max_num_seqs)
+        self.width = -(-max_model_len // runner.block_size)  # block-table columns
+        largest, device = self.buckets[-1], runner.device
+        scratch = runner.scratch_block
+        long = {"dtype": torch.long, "device": device}
+        int32 = {"dtype": torch.int32, "device": device}
+        # Static graph inputs, shared by every bucket (a bucket of size B reads their first B rows).
+        self.input_ids = torch.zeros(1, largest, **long)
+        self.positions = torch.zeros(1, largest, **long)
+        self.slot_mapping = torch.full((largest,), scratch * runner.block_size, **long)
+        self.block_tables = torch.full((largest, self.width), scratch, **int32)
+        self.context_lens = torch.ones(largest, **int32)
+        self.query_starts = torch.arange(largest + 1, **int32)
+        self.rows = torch.arange(largest, **long)
+        # Host staging for one copy per buffer per step; table columns past a context keep stale
+        # (still valid) block ids, which neither the kernel nor the mask ever reads.
+        pinned = device.type == "cuda"
+        self.host_tables = torch.full((largest, self.width), scratch, dtype=torch.int32, pin_memory=pinned).numpy()
+        self.host_small = torch.zeros(4, largest, dtype=torch.long, pin_memory=pinned).numpy()  # ids, positions, slots, lens
+        self.graphs: dict[int, _Graph] = {}
         self.pool = None
         self.enabled = True
-        _, num_kv_heads, head_dim = runner.kv_shape
-        self.workspace = Workspace(num_kv_heads, head_dim, runner.dtype, runner.device)
-        self.workspace.buffers(MAX_GRAPH_TOKENS)  # allocated once, never grown: graphs hold its address
+        self.replays = 0
+        self.capture_all()
 
-    def shape_for(self, seqs: list[Sequence]) -> tuple[int, int] | None:
-        n = len(seqs)
-        batch = next((b for b in self.buckets if b >= n), None)
-        longest = max(s.num_computed_tokens + 1 for s in seqs)
-        context = -(-longest // CONTEXT_BUCKET) * CONTEXT_BUCKET
-        if batch is None or batch * context > MAX_GRAPH_TOKENS:
-            return None
-        return batch, context
+    @property
+    def buffer_bytes(self) -> int:
+        tensors = (self.input_ids, self.positions, self.slot_mapping, self.block_tables, self.context_lens)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def bucket_for(self, num_seqs: int) -> int | None:
+        return next((b for b in self.buckets if b >= num_seqs), None)
+
+    def capture_all(self) -> None:
+        """Capture every bucket, largest first (smaller graphs then fit in the larger ones' pool)."""
+        try:
+            for batch in reversed(self.buckets):
+                self.graphs[batch] = self._capture(batch)
+            logger.info("captured decode graphs for batch sizes %s (contexts up to %d blocks)",
+                        self.buckets, self.width)
+        except Exception:
+            logger.exception("CUDA graph capture failed; decode steps run eagerly")
+            self._disable()
+
+    def _disable(self) -> None:
+        self.enabled = False
+        self.graphs.clear()
 
     def run(self, seqs: list[Sequence]) -> torch.Tensor | None:
-        """Logits [len(seqs), vocab] for a decode-only step, or None to run it eagerly."""
-        shape = self.shape_for(seqs) if self.enabled else None
-        if shape is None:
+        """Logits [len(seqs), vocab] for a decode step, or None to run it eagerly."""
+        batch = self.bucket_for(len(seqs)) if self.enabled else None
+        if batch is None or batch not in self.graphs:
             return None
-        graph = self.graphs.get(shape)
-        if graph is None:
-            try:
-                graph = self.graphs[shape] = self._capture(*shape)
-            except Exception:
-                logger.exception("CUDA graph capture failed; decode steps run eagerly from now on")
-                self.enabled = False
-                self.graphs.clear()
-                return None
-        self._fill(graph, seqs, *shape)
-        graph.graph.replay()
+        try:
+            self.fill(seqs, batch)
+            graph = self.graphs[batch]
+            graph.graph.replay()
+        except Exception:
+            logger.exception("CUDA graph replay failed; decode steps run eagerly from now on")
+            self._disable()
+            return None
+        self.replays += 1
         return graph.logits[:len(seqs)]
 
-    def _fill(self, g: _Graph, seqs: list[Sequence], batch: int, context: int) -> None:
-        runner, bs = self.runner, self.runner.block_size
-        scratch = runner.scratch_block
-        pad = batch - len(seqs)
-        positions = [s.num_computed_tokens for s in seqs]
-        width = context // bs
-        tables = torch.tensor([(s.block_table + [scratch] * width)[:width] for s in seqs] + [[scratch] * width] * pad,
-                              dtype=torch.long)
-        g.input_ids.copy_(torch.tensor([[s.token_ids[p] for s, p in zip(seqs, positions)] + [0] * pad]))
-        g.positions.copy_(torch.tensor([positions + [0] * pad]))
-        g.slot_mapping.copy_(torch.tensor([s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
-                                          + [scratch * bs] * pad))
-        g.slots.copy_((tables[:, :, None] * bs + torch.arange(bs)).reshape(-1))
-        g.lens.copy_(torch.tensor([p + 1 for p in positions] + [1] * pad))
+    def fill(self, seqs: list[Sequence], batch: int) -> None:
+        """Write the step's inputs into the static buffers; rows past len(seqs) are padding."""
+        bs, scratch, n = self.runner.block_size, self.runner.scratch_block, len(seqs)
+        small, tables = self.host_small, self.host_tables
+        for row, s in enumerate(seqs):
+            p = s.num_computed_tokens
+            width = p // bs + 1
+            tables[row, :width] = s.block_table[:width]
+            small[:, row] = (s.token_ids[p], p, s.block_table[p // bs] * bs + p % bs, p + 1)
+        small[:, n:batch] = np.array([[0], [0], [scratch * bs], [1]])
+        tables[n:batch, 0] = scratch
+        self.input_ids[0, :batch].copy_(torch.from_numpy(small[0, :batch]), non_blocking=True)
+        self.positions[0, :batch].copy_(torch.from_numpy(small[1, :batch]), non_blocking=True)
+        self.slot_mapping[:batch].copy_(torch.from_numpy(small[2, :batch]), non_blocking=True)
+        self.context_lens[:batch].copy_(torch.from_numpy(small[3, :batch]), non_blocking=True)
+        self.block_tables[:batch].copy_(torch.from_numpy(tables[:batch]), non_blocking=True)
 
-    def _capture(self, batch: int, context: int) -> _Graph:
+    def _capture(self, batch: int) -> _Graph:
         runner = self.runner
-        device, scratch_slot = runner.device, runner.scratch_block * runner.block_size
-        long = {"dtype": torch.long, "device": device}
-        input_ids = torch.zeros(1, batch, **long)
-        positions = torch.zeros(1, batch, **long)
-        slot_mapping = torch.full((batch,), scratch_slot, **long)
-        slots = torch.full((batch * context,), scratch_slot, **long)
-        lens = torch.ones(batch, **long)
-        rows = torch.arange(batch, **long)
-        attn = AttentionBatch(runner.k_caches, runner.v_caches, slot_mapping,
-                              spans=[Span(i, i + 1, 1) for i in range(batch)], workspace=self.workspace,
-                              padded_decode=PaddedDecode(batch, slots, lens, context))
+        group = SpanGroup(0, batch, self.block_tables[:batch], self.context_lens[:batch],
+                          self.query_starts[:batch + 1], 1)
+        attn = AttentionBatch(runner.k_caches, runner.v_caches, self.slot_mapping[:batch], runner.backend,
+                              single=group)
+        input_ids, positions, rows = self.input_ids[:, :batch], self.positions[:, :batch], self.rows[:batch]
 
         def forward() -> torch.Tensor:
             kwargs = {"input_ids": input_ids, "position_ids": positions, "use_cache": False, "ember_batch": attn}
@@ -116,9 +139,9 @@ class DecodeGraphs:
                 return runner.model(**kwargs).logits[0]
             return runner.model(**kwargs).logits[0][rows]
 
-        graph, logits = self._record(forward, attn)
-        logger.info("captured a CUDA graph for decode batch %d, context %d", batch, context)
-        return _Graph(graph, input_ids, positions, slot_mapping, slots, lens, logits, attn)
+        with torch.inference_mode():
+            graph, logits = self._record(forward, attn)
+        return _Graph(graph, logits, attn)
 
     def _record(self, forward, attn: AttentionBatch):
         """Capture `forward` into a graph; returns (graph, its static output tensor)."""
@@ -126,9 +149,9 @@ class DecodeGraphs:
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
-            forward()  # warm-up: lazy initialisation must not happen during capture
+            forward()  # warm-up: lazy initialisation (Triton compilation too) must not happen during capture
         torch.cuda.current_stream(device).wait_stream(stream)
-        attn._masks.clear()  # masks are recomputed from `lens` inside the graph on every replay
+        attn.single.cache.clear()  # values derived from the inputs are recomputed inside the graph
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             logits = forward()
