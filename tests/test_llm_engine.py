@@ -251,11 +251,11 @@ def test_a_failing_step_fails_only_its_requests(engine, llama, tokenizer):
     real_execute = engine.runner.execute
     calls = {"n": 0}
 
-    def flaky(seqs, num_tokens):
+    def flaky(seqs, num_tokens, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("simulated device failure")
-        return real_execute(seqs, num_tokens)
+        return real_execute(seqs, num_tokens, **kwargs)
 
     engine.runner.execute = flaky
     prompts = random_prompts(3, len(tokenizer), seed=16)
