@@ -10,7 +10,7 @@ import pytest
 import requests
 from hypothesis import HealthCheck, Phase
 
-from tests.conftest import API_KEY, LiveServer, make_settings
+from tests.conftest import API_KEY
 
 schemathesis = pytest.importorskip("schemathesis")
 
@@ -20,19 +20,8 @@ KNOWN = {"flow_id": "tiny-chat-flow", "owner": "ember", "name": "tiny-chat", "mo
          "model_id": "ember/tiny-chat"}
 
 
-@pytest.fixture()
-def fuzz_server(tmp_path, demo_folders, models_file):
-    (tmp_path / "demo").mkdir()
-    for name, folder in demo_folders.items():
-        (tmp_path / "demo" / name).symlink_to(folder, target_is_directory=True)
-    server = LiveServer(lambda port: make_settings(tmp_path, models_file, port=port))
-    server.start()
-    yield server
-    server.stop()
-
-
-def test_no_server_errors_for_generated_requests(fuzz_server):
-    schema = schemathesis.openapi.from_url(f"{fuzz_server.url}/openapi.json")
+def test_no_server_errors_for_generated_requests(fresh_server):
+    schema = schemathesis.openapi.from_url(f"{fresh_server.url}/openapi.json")
     session = requests.Session()
     failures: list[str] = []
     cases = 0
@@ -52,7 +41,7 @@ def test_no_server_errors_for_generated_requests(fuzz_server):
             case.headers = {**(case.headers or {}), "Authorization": f"Bearer {API_KEY}"}
             if cases % 2 and case.path_parameters:  # half the cases aim at things that exist
                 case.path_parameters = {k: KNOWN.get(k, v) for k, v in case.path_parameters.items()}
-            response = case.call(base_url=fuzz_server.url, session=session, timeout=60)
+            response = case.call(base_url=fresh_server.url, session=session, timeout=60)
             statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
             if response.status_code >= 500 and response.status_code not in ALLOWED_5XX:
                 failures.append(f"{case.method} {case.formatted_path} -> {response.status_code}: "
