@@ -18,6 +18,7 @@ app = typer.Typer(help="ember: versioned models on GPUs behind the APIs people a
                          "  ember models load ember/tiny-chat --progress",
                   no_args_is_help=True, add_completion=False)
 console = Console()
+LOCAL_RAY = "local"  # `--ray` without an address
 
 
 def _is_loopback(host: str) -> bool:
@@ -30,7 +31,9 @@ def _is_loopback(host: str) -> bool:
 
 
 @app.command(epilog="Examples:\n\n  ember serve\n\n  ember serve --models ./models.yaml --port 9000\n\n"
-                     "  ember serve --host 0.0.0.0 --api-key $KEY")
+                     "  ember serve --host 0.0.0.0 --api-key $KEY\n\n"
+                     "  ember serve --ray                  # a local Ray cluster\n\n"
+                     "  ember serve --ray ray://head:10001 # a running Ray cluster")
 def serve(
     host: str = typer.Option(None, help="Address to bind (default 127.0.0.1, or EMBER_HOST)."),
     port: int = typer.Option(None, help="Port (default 8000, or EMBER_PORT)."),
@@ -38,6 +41,9 @@ def serve(
     api_key: list[str] = typer.Option([], "--api-key", help="Accepted API key; repeatable. Also EMBER_API_KEYS."),
     allow_insecure_bind: bool = typer.Option(False, help="Allow a non-loopback bind without API keys."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
+    ray: Optional[str] = typer.Option(None, "--ray", is_flag=False, flag_value=LOCAL_RAY, metavar="[ADDRESS]",
+                                      help="Serve on Ray Serve: each model version a deployment. With an "
+                                           "ADDRESS, join that Ray cluster; without, start a local one."),
 ) -> None:
     """Run the HTTP server (Replicate, OpenAI and Flowise APIs)."""
     import uvicorn
@@ -63,6 +69,11 @@ def serve(
                       "(or EMBER_API_KEYS), or --allow-insecure-bind if you really mean it.")
         raise typer.Exit(2)
     console.print(f"ember home: {settings.home}\nmodels: {settings.models}")
+    if ray is not None:
+        from server.ray_serve import start
+
+        start(settings, None if ray == LOCAL_RAY else ray)
+        return
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level)
 
 
