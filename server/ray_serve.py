@@ -141,6 +141,14 @@ def build_app(settings: Settings, cluster_gpus: float = 0):
                            ray_actor_options={"num_cpus": 0}).bind(settings, workers)
 
 
+def app_from_env(args: dict | None = None):
+    """An application builder for Serve config files and KubeRay (`import_path:
+    server.ray_serve:app_from_env`): settings from the `EMBER_*` environment, as `ember serve`."""
+    import ray
+
+    return build_app(Settings(**(args or {})), ray.cluster_resources().get("GPU", 0))
+
+
 def start(settings: Settings, address: str | None = None) -> None:
     """Deploy on the cluster at `address` (a new local one when None) and serve until Ctrl-C."""
     import ray

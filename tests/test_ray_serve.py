@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -53,6 +54,9 @@ def ray_server(tmp_path_factory, demo_folders):
     models.write_text(RAY_MODELS)
     port = free_port()
     settings = make_settings(home, models, port=port)
+    # Replicas report their load every 10 s by default: too slow for a test's look-back.
+    os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")
+    os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 2**20,
              _temp_dir=tempfile.mkdtemp(prefix="ember-ray-"), log_to_driver=False)
     try:
@@ -176,13 +180,19 @@ def test_autoscaling_from_one_to_two_replicas_under_load(ray_server, openai_clie
         return status.replica_states.get("RUNNING", 0)
 
     assert running_replicas() == 1
-    peak = 1
-    with ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(chat, openai_client, p, 200, "ember/tiny-chat-auto") for p in PROMPTS[:8]]
-        deadline = time.time() + 90
+    peak, loaded = 1, threading.Event()
+
+    def keep_busy(prompt: str) -> None:
+        while not loaded.is_set():
+            chat(openai_client, prompt, 200, "ember/tiny-chat-auto")
+
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(keep_busy, p) for p in PROMPTS[:6]]
+        deadline = time.time() + 120
         while peak < 2 and time.time() < deadline:
             peak = max(peak, running_replicas())
             time.sleep(0.25)
+        loaded.set()
         for future in futures:
             future.result(timeout=120)
     assert peak == 2
