@@ -78,6 +78,13 @@ async def serve_job(engine: Engine, spec: dict) -> AsyncIterator[tuple[str, Any]
             engine.cancel(job.id)
 
 
+class ManagedByServe(EmberError):
+    """A lifecycle change asked of a version whose replicas Ray Serve manages."""
+
+    status = 409
+    code = "managed_by_ray_serve"
+
+
 class RemoteEngine(Engine):
     """An Engine whose versions listed in `handles` run behind those handles, not in its pool."""
 
@@ -88,6 +95,27 @@ class RemoteEngine(Engine):
 
     async def start(self) -> None:
         self._reaper = None  # nothing is loaded here; replicas own their models' lifecycles
+
+    def _check_local(self, version) -> None:
+        if version.ref in self.handles:
+            raise ManagedByServe(f"{version.ref} runs on Ray Serve replicas, which keep it loaded for their "
+                                 "life; change its replicas with the `scale:` block in models.yaml")
+
+    async def load(self, version, on_phase=None, keep_alive=None) -> None:
+        self._check_local(version)
+        await super().load(version, on_phase, keep_alive)
+
+    async def wake(self, version, keep_alive=None) -> None:
+        self._check_local(version)
+        await super().wake(version, keep_alive)
+
+    async def sleep(self, version) -> None:
+        self._check_local(version)
+        await super().sleep(version)
+
+    async def unload(self, version) -> None:
+        self._check_local(version)
+        await super().unload(version)
 
     async def submit(self, job: Job, *, wait_ready: bool = True) -> Job:
         handle = self.handles.get(f"{job.model}:{job.version}")

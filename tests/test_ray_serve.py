@@ -9,6 +9,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -135,6 +136,42 @@ def test_bad_input_is_answered_by_the_replica_in_the_dialect(openai_client):
     with pytest.raises(openai.BadRequestError) as caught:
         chat(openai_client, "word " * 600, max_tokens=16)
     assert "maximum context length" in str(caught.value)
+
+
+def test_lifecycle_changes_are_refused_for_serve_managed_versions(url):
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30) as http:
+        version = http.get("/v1/models/ember/tiny-chat").json()["latest_version"]["id"]
+        response = http.post(f"/v1/models/ember/tiny-chat/versions/{version}/unload")
+    assert response.status_code == 409
+    assert "scale:" in response.json()["detail"]
+
+
+def test_scale_block_becomes_serve_options():
+    from engine.errors import InvalidInput
+    from engine.registry import load_registry
+    from server.ray_serve import deployment_options
+
+    def version(scale: str, placement: str = "cpu"):
+        text = f"models:\n  a/b:\n    versions:\n      - weights: a/b@main\n        placement: {placement}\n" + \
+            (f"        scale: {scale}\n" if scale else "")
+        return load_registry("models.yaml", Path(tempfile.mkdtemp()), text=text).resolve("a/b")
+
+    plain = version("")
+    fixed = version("{replicas: 3, num_gpus: 2, memory: 16GiB, max_ongoing_requests: 48}")
+    assert fixed.id == plain.id  # scale is placement, not identity
+    options = deployment_options(fixed, cluster_gpus=0)
+    assert options["num_replicas"] == 3 and options["max_ongoing_requests"] == 48
+    assert options["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 2, "memory": 16 * 2**30}
+    auto = deployment_options(version("{min_replicas: 0, max_replicas: 4, target_ongoing_requests: 8}"), 0)
+    assert auto["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4, "target_ongoing_requests": 8}
+    assert "num_replicas" not in auto
+    assert deployment_options(version("", "auto"), cluster_gpus=4)["ray_actor_options"]["num_gpus"] == 1
+    assert deployment_options(version("", "auto"), cluster_gpus=0)["ray_actor_options"]["num_gpus"] == 0
+    assert deployment_options(version("", "[0, 1]"), cluster_gpus=4)["ray_actor_options"]["num_gpus"] == 2
+    for bad in ("{replica: 2}", "{max_replicas: 0}", "{min_replicas: 3, max_replicas: 2}", "{memory: lots}",
+                "{num_gpus: -1}", "[1]"):
+        with pytest.raises(InvalidInput):
+            version(bad)
 
 
 def test_cancel_through_the_api_aborts_on_the_replica(ray_server, url):
