@@ -55,9 +55,8 @@ async def one_request(client: httpx.AsyncClient, index: int, max_tokens: int) ->
                 tokens = chunk["usage"]["completion_tokens"]
             if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
                 stamps.append(time.perf_counter())
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    return {"tokens": tokens, "ttft": stamps[0] - start if stamps else None,
-            "tpot": statistics.mean(gaps) if gaps else None}
+    tpot = (stamps[-1] - stamps[0]) / (tokens - 1) if len(stamps) > 1 and tokens > 1 else None
+    return {"tokens": tokens, "ttft": stamps[0] - start if stamps else None, "tpot": tpot}
 
 
 async def load(url: str, requests: int, concurrency: int, max_tokens: int) -> dict:

@@ -10,8 +10,8 @@ Nothing here imports Ray: a handle is anything with `options(stream=True).run_jo
 returning an async iterator of messages with a `cancel()` (a Ray Serve deployment handle).
 
 Messages, in order: ("error", payload) alone when the job was rejected before it ran;
-otherwise ("ready", prompt_tokens), then ("event", Event) for each output/log event, then
-("end", outcome). Cancelling the stream cancels the serving side's generator, whose `finally`
+otherwise ("ready", prompt_tokens), then ("events", [Event, ...]) with the output/log events
+ready at that moment (under load many tokens share one message), then ("end", outcome). Cancelling the stream cancels the serving side's generator, whose `finally`
 cancels the job there: the LLM aborts the request and frees its KV blocks.
 """
 
@@ -68,10 +68,16 @@ async def serve_job(engine: Engine, spec: dict) -> AsyncIterator[tuple[str, Any]
         return
     try:
         yield ("ready", job.prompt_tokens)
+        batch = []
         async for event in job.follow():
             if event.type == "done":
                 break
-            yield ("event", event)
+            batch.append(event)
+            if event.id == len(job.events) - 1:  # nothing more is ready: send what accumulated
+                yield ("events", batch)
+                batch = []
+        if batch:
+            yield ("events", batch)
         yield ("end", outcome(job))
     finally:
         if not job.done:  # the stream was cancelled: the caller went away or cancelled the job
@@ -184,11 +190,12 @@ class RemoteEngine(Engine):
                 raise asyncio.CancelledError
             job.start()
             async for kind, payload in stream:
-                if kind == "event":
-                    job.emit(payload.type, payload.data, choice=payload.choice, tool_calls=payload.tool_calls,
-                             logprobs=payload.logprobs, finish_reason=payload.finish_reason)
-                    if payload.type == "output" and payload.choice == 0 and isinstance(payload.data, str):
-                        chunks.append(payload.data)
+                if kind == "events":
+                    for event in payload:
+                        job.emit(event.type, event.data, choice=event.choice, tool_calls=event.tool_calls,
+                                 logprobs=event.logprobs, finish_reason=event.finish_reason)
+                        if event.type == "output" and event.choice == 0 and isinstance(event.data, str):
+                            chunks.append(event.data)
                 elif kind == "end":
                     job.output, job.choices = payload["output"], payload["choices"]
                     job.prompt_tokens = payload["prompt_tokens"]

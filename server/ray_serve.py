@@ -83,9 +83,9 @@ class ModelWorker:
     """Replicas of one model version: an Engine holding only that version, loaded at start."""
 
     def __init__(self, version: Version, files_dir: Path, base_url: str, allow_http_inputs: bool):
-        num_gpus = len(os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")) if os.environ.get(
-            "CUDA_VISIBLE_DEVICES") else 0
-        self.version = replica_version(version, num_gpus)
+        import ray
+
+        self.version = replica_version(version, len(ray.get_gpu_ids()))
         registry = Registry([ModelEntry(name=version.model, description="", versions=[self.version])])
         options = EngineOptions(allow_http_inputs=allow_http_inputs,
                                 file_url=lambda file_id: f"{base_url}/v1/files/{file_id}/content")

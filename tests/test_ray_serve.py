@@ -3,6 +3,7 @@ with the official openai client and the Replicate dialect. Marked `ray` (deselec
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import tempfile
@@ -102,6 +103,19 @@ def replica_stats(handle, replicas: int, timeout: float = 60) -> dict[str, dict]
     return seen
 
 
+def assert_replicas_idle(handle, replicas: int = 2, timeout: float = 30) -> None:
+    """Every replica soon runs no job, its LLM holds no request, and all its KV blocks are free."""
+    deadline = time.time() + timeout
+    while True:
+        stats = replica_stats(handle, replicas)
+        idle = all(s["running"] == 0 and s["llm"]["active_requests"] == 0
+                   and s["llm"]["num_free_blocks"] == s["llm"]["num_total_blocks"] for s in stats.values())
+        if idle or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert idle, stats
+
+
 def chat(client, prompt: str, max_tokens: int = 12, model: str = "ember/tiny-chat") -> str:
     answer = client.chat.completions.create(model=model, temperature=0, max_tokens=max_tokens,
                                             messages=[{"role": "user", "content": prompt}])
@@ -191,16 +205,23 @@ def test_cancel_through_the_api_aborts_on_the_replica(ray_server, url):
             assert time.time() < deadline
             time.sleep(0.05)
     assert record["status"] == "canceled"
-    handle = model_handle(ray_server, "ember/tiny-chat")
-    deadline = time.time() + 30
-    while True:
-        stats = replica_stats(handle, 2)
-        idle = all(s["running"] == 0 and s["llm"]["active_requests"] == 0
-                   and s["llm"]["num_free_blocks"] == s["llm"]["num_total_blocks"] for s in stats.values())
-        if idle or time.time() > deadline:
-            break
-        time.sleep(0.2)
-    assert idle, stats
+    assert_replicas_idle(model_handle(ray_server, "ember/tiny-chat"))
+
+
+def test_client_disconnect_aborts_on_the_replica(ray_server, url):
+    body = {"model": "ember/tiny-chat", "stream": True, "max_tokens": 480, "temperature": 1.0, "seed": 5,
+            "messages": [{"role": "user", "content": "Go on and on."}]}
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as http:
+        with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            lines = response.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            job_id = json.loads(first[6:])["id"].removeprefix("chatcmpl-")
+        deadline = time.time() + 30
+        while (record := http.get(f"/v1/predictions/{job_id}").json())["status"] == "processing":
+            assert time.time() < deadline
+            time.sleep(0.1)
+    assert record["status"] == "canceled"
+    assert_replicas_idle(model_handle(ray_server, "ember/tiny-chat"))
 
 
 def test_autoscaling_from_one_to_two_replicas_under_load(ray_server, openai_client):
