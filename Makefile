@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[video,quant,dev]"
+	$(PY) -m pip install -q -e ".[video,quant,dev,ray]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -3,7 +3,9 @@
 Each setup gets the same load: `--requests` streamed chat completions through the OpenAI endpoint,
 `--concurrency` at a time, sampled with a per-request seed and `--max-tokens` each. Reported per
 setup: output tokens/s, mean time per output token (TPOT, between streamed chunks after the first)
-and mean time to first token. Ray's overhead is its TPOT over the one-process TPOT.
+and mean time to first token. Ray's overhead is its TPOT over the one-process TPOT. On Ray the
+replicas share the machine's 2 CPUs (`num_cpus` 2 for one replica, 1 each for two: Ray sets
+their torch threads from it) with the ingress, the HTTP proxy and Serve's controller.
 
     python -m benchmarks.scale --requests 64 --concurrency 16
 
@@ -108,7 +110,7 @@ def on_ray(home: Path, port: int, args, replicas: int) -> dict:
     from server.ray_serve import APP_NAME, build_app
     from server.settings import Settings
 
-    (home / "models.yaml").write_text(MODEL.format(replicas=replicas, cpus=1))
+    (home / "models.yaml").write_text(MODEL.format(replicas=replicas, cpus=2 // replicas))
     settings = Settings(home=home, models=home / "models.yaml", port=port, api_keys=[KEY])
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 2**20, log_to_driver=False,
              _temp_dir=tempfile.mkdtemp(prefix="ember-ray-"))
