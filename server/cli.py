@@ -41,7 +41,7 @@ def serve(
     api_key: list[str] = typer.Option([], "--api-key", help="Accepted API key; repeatable. Also EMBER_API_KEYS."),
     allow_insecure_bind: bool = typer.Option(False, help="Allow a non-loopback bind without API keys."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
-    ray: Optional[str] = typer.Option(None, "--ray", is_flag=False, flag_value=LOCAL_RAY, metavar="[ADDRESS]",
+    ray: Optional[str] = typer.Option(None, "--ray", metavar="[ADDRESS]",
                                       help="Serve on Ray Serve: each model version a deployment. With an "
                                            "ADDRESS, join that Ray cluster; without, start a local one."),
 ) -> None:
@@ -287,9 +287,20 @@ def pull(model: str = typer.Argument(..., help="owner/name[:version] from models
     console.print(f"[green]downloaded[/green] {version.model} to {path}; restart `ember serve` to pin it")
 
 
+def with_ray_address(argv: list[str]) -> list[str]:
+    """`--ray` takes an optional address: given none (end of line, or another option next), it
+    means a local cluster."""
+    argv = list(argv)
+    for index, arg in enumerate(argv):
+        if arg == "--ray" and (index + 1 == len(argv) or argv[index + 1].startswith("-")):
+            argv.insert(index + 1, LOCAL_RAY)
+            break
+    return argv
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app()
+    app(with_ray_address(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -132,6 +132,15 @@ def test_ray_is_not_imported_without_the_flag():
     assert result.stdout.strip() == "False"
 
 
+def test_ray_flag_takes_an_optional_address():
+    from server.cli import LOCAL_RAY, with_ray_address
+
+    assert with_ray_address(["serve", "--ray"]) == ["serve", "--ray", LOCAL_RAY]
+    assert with_ray_address(["serve", "--ray", "--port", "9000"]) == ["serve", "--ray", LOCAL_RAY, "--port", "9000"]
+    assert with_ray_address(["serve", "--ray", "ray://head:10001"]) == ["serve", "--ray", "ray://head:10001"]
+    assert with_ray_address(["serve", "--port", "9000"]) == ["serve", "--port", "9000"]
+
+
 def test_two_replicas_share_requests_with_one_process_outputs(ray_server, openai_client, client):
     with ThreadPoolExecutor(16) as pool:
         remote = list(pool.map(lambda p: chat(openai_client, p), PROMPTS))
