@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from engine import errors
 from engine.engine import Engine
@@ -161,7 +162,7 @@ class RemoteEngine(Engine):
             except asyncio.CancelledError:
                 stream.cancel()
                 raise
-            except Exception as exc:  # noqa: BLE001 - the replica died or could not be reached
+            except Exception as exc:  # the replica died or could not be reached
                 log.warning("job %s: replica failed before the job started (attempt %d): %s", job.id, attempt, exc)
                 if attempt == OPEN_ATTEMPTS:
                     raise ModelUnavailable(f"the model's replica failed before the job started: "

@@ -236,8 +236,8 @@ def test_client_disconnect_aborts_on_the_replica(ray_server, url):
 def test_autoscaling_from_one_to_two_replicas_under_load(ray_server, openai_client):
     from ray import serve
 
-    from server.ray_serve import APP_NAME, deployment_name
     from engine.engine import demo_registry
+    from server.ray_serve import APP_NAME, deployment_name
 
     version = demo_registry(ray_server.home, ray_server.models).resolve("ember/tiny-chat-auto")
     name = deployment_name(version)
