@@ -69,6 +69,7 @@ class Version:
     load: Literal["lazy", "eager"] = "lazy"
     keep_alive: float | None = None  # seconds idle before unloading; None or negative: never
     pin: bool = False  # never evicted to make room for another version
+    scale: dict = field(default_factory=dict)  # replicas and resources under `ember serve --ray`
     aliases: tuple[str, ...] = ()
     description: str = ""
     pooling: str | None = None  # embedding: mean | cls | last (token)
@@ -306,7 +307,11 @@ def _parse_weights(raw: Any, where: str) -> Weights:
 VERSION_KEYS = {"weights", "kind", "dtype", "quantization", "placement", "device_map",
                 "pipeline_class", "model_class", "prompt_template", "chat_template",
                 "default_inputs", "limits", "load", "keep_alive", "pin", "aliases", "description",
-                "created_at", "pooling", "normalize", "matryoshka_dimensions"}
+                "created_at", "pooling", "normalize", "matryoshka_dimensions", "scale"}
+
+# The `scale:` block (used only by `ember serve --ray`; placement, not identity).
+SCALE_KEYS = {"replicas", "min_replicas", "max_replicas", "target_ongoing_requests", "max_ongoing_requests",
+              "upscale_delay_s", "downscale_delay_s", "look_back_period_s", "num_cpus", "num_gpus", "memory"}
 
 DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -325,6 +330,31 @@ def parse_keep_alive(value: Any, where: str = "keep_alive") -> float | None:
     if match is None:
         raise InvalidInput(f"{where} must be a duration like 300, '30s', '5m' or -1, not {value!r}", param="keep_alive")
     return float(match.group(1)) * DURATION_UNITS[match.group(2)]
+
+
+def parse_scale(raw: Any, where: str) -> dict:
+    """A version's `scale:` block: known keys, non-negative numbers; `memory` may say "8GiB"."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise InvalidInput(f"{where}: scale must be a mapping")
+    unknown = set(raw) - SCALE_KEYS
+    if unknown:
+        raise InvalidInput(f"{where}: unknown scale keys {sorted(unknown)}; allowed: {sorted(SCALE_KEYS)}")
+    scale = dict(raw)
+    if isinstance(scale.get("memory"), str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(GiB|MiB|GB|MB)?\s*", scale["memory"])
+        if match is None:
+            raise InvalidInput(f"{where}: scale.memory must be bytes or like '8GiB', not {scale['memory']!r}")
+        unit = {"GiB": 2**30, "MiB": 2**20, "GB": 10**9, "MB": 10**6, None: 1}[match.group(2)]
+        scale["memory"] = int(float(match.group(1)) * unit)
+    for key, value in scale.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise InvalidInput(f"{where}: scale.{key} must be a non-negative number, not {value!r}")
+    low, high = scale.get("min_replicas", 1), scale.get("max_replicas", scale.get("min_replicas", 1))
+    if high < max(low, 1):
+        raise InvalidInput(f"{where}: scale.max_replicas must be at least min_replicas and at least 1")
+    return scale
 
 
 def _parse_version(model: str, raw: dict, where: str) -> Version:
@@ -370,6 +400,7 @@ def _parse_version(model: str, raw: dict, where: str) -> Version:
         description=raw.get("description", ""), created_at=str(raw.get("created_at", "")),
         pooling=pooling, normalize=bool(raw.get("normalize", True)),
         matryoshka_dimensions=tuple(sorted(set(dimensions), reverse=True)),
+        scale=parse_scale(raw.get("scale"), f"{where}: scale"),
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import asynccontextmanager
+from typing import Callable
 
 from fastapi import Depends, FastAPI, Request
 
@@ -26,7 +27,12 @@ def public_base(settings: Settings) -> str:
     return (settings.public_url or f"http://{settings.host}:{settings.port}").rstrip("/")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+EngineFactory = Callable[..., Engine]  # (registry, files, options) -> Engine
+
+
+def create_app(settings: Settings | None = None, engine_factory: EngineFactory = Engine) -> FastAPI:
+    """The app over one Engine. `engine_factory` picks where models run: in this process (the
+    default), or behind Ray Serve deployment handles (server.ray_serve)."""
     settings = settings or Settings()
 
     @asynccontextmanager
@@ -34,7 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         base = public_base(settings)
         registry = await asyncio.to_thread(demo_registry, settings.home, settings.models)
         files = FileStore(settings.files_dir, ttl_hours=settings.file_ttl_hours)
-        engine = Engine(registry, files, EngineOptions(
+        engine = engine_factory(registry, files, EngineOptions(
             allow_http_inputs=settings.allow_http_inputs, allow_private_urls=settings.allow_private_urls,
             max_running_jobs=settings.max_queue,
             memory_budgets=settings.memory_budget_bytes(),

@@ -18,6 +18,7 @@ app = typer.Typer(help="ember: versioned models on GPUs behind the APIs people a
                          "  ember models load ember/tiny-chat --progress",
                   no_args_is_help=True, add_completion=False)
 console = Console()
+LOCAL_RAY = "local"  # `--ray` without an address
 
 
 def _is_loopback(host: str) -> bool:
@@ -30,7 +31,9 @@ def _is_loopback(host: str) -> bool:
 
 
 @app.command(epilog="Examples:\n\n  ember serve\n\n  ember serve --models ./models.yaml --port 9000\n\n"
-                     "  ember serve --host 0.0.0.0 --api-key $KEY")
+                     "  ember serve --host 0.0.0.0 --api-key $KEY\n\n"
+                     "  ember serve --ray                  # a local Ray cluster\n\n"
+                     "  ember serve --ray ray://head:10001 # a running Ray cluster")
 def serve(
     host: str = typer.Option(None, help="Address to bind (default 127.0.0.1, or EMBER_HOST)."),
     port: int = typer.Option(None, help="Port (default 8000, or EMBER_PORT)."),
@@ -38,6 +41,9 @@ def serve(
     api_key: list[str] = typer.Option([], "--api-key", help="Accepted API key; repeatable. Also EMBER_API_KEYS."),
     allow_insecure_bind: bool = typer.Option(False, help="Allow a non-loopback bind without API keys."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
+    ray: Optional[str] = typer.Option(None, "--ray", metavar="[ADDRESS]",
+                                      help="Serve on Ray Serve: each model version a deployment. With an "
+                                           "ADDRESS, join that Ray cluster; without, start a local one."),
 ) -> None:
     """Run the HTTP server (Replicate, OpenAI and Flowise APIs)."""
     import uvicorn
@@ -69,6 +75,14 @@ def serve(
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(4) from None
     console.print(f"ember home: {settings.home}\nmodels: {settings.models}")
+    if ray is not None:
+        from server.ray_serve import start
+
+        try:
+            start(settings, None if ray == LOCAL_RAY else ray)
+        finally:
+            lock.release()
+        return
     try:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
                     timeout_keep_alive=settings.timeout_keep_alive_s)
@@ -286,9 +300,20 @@ def pull(model: str = typer.Argument(..., help="owner/name[:version] from models
     console.print(f"[green]downloaded[/green] {version.model} to {path}; restart `ember serve` to pin it")
 
 
+def with_ray_address(argv: list[str]) -> list[str]:
+    """`--ray` takes an optional address: given none (end of line, or another option next), it
+    means a local cluster."""
+    argv = list(argv)
+    for index, arg in enumerate(argv):
+        if arg == "--ray" and (index + 1 == len(argv) or argv[index + 1].startswith("-")):
+            argv.insert(index + 1, LOCAL_RAY)
+            break
+    return argv
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app()
+    app(with_ray_address(sys.argv[1:]))
 
 
 if __name__ == "__main__":
