@@ -56,7 +56,7 @@ def error_from(payload: dict) -> EmberError:
 
 def outcome(job: Job) -> dict:
     return {"status": job.status, "error": job.error, "output": job.output, "choices": job.choices,
-            "prompt_tokens": job.prompt_tokens}
+            "prompt_tokens": job.prompt_tokens, "prompt_text": job.prompt_text}
 
 
 async def serve_job(engine: Engine, spec: dict) -> AsyncIterator[tuple[str, Any]]:
@@ -193,13 +193,13 @@ class RemoteEngine(Engine):
             async for kind, payload in stream:
                 if kind == "events":
                     for event in payload:
-                        job.emit(event.type, event.data, choice=event.choice, tool_calls=event.tool_calls,
-                                 logprobs=event.logprobs, finish_reason=event.finish_reason)
+                        job.emit(event.type, event.data, choice=event.choice, logprobs=event.logprobs,
+                                 prompt_logprobs=event.prompt_logprobs, finish_reason=event.finish_reason)
                         if event.type == "output" and event.choice == 0 and isinstance(event.data, str):
                             chunks.append(event.data)
                 elif kind == "end":
                     job.output, job.choices = payload["output"], payload["choices"]
-                    job.prompt_tokens = payload["prompt_tokens"]
+                    job.prompt_tokens, job.prompt_text = payload["prompt_tokens"], payload["prompt_text"]
                     job.finish(payload["status"], payload["error"])
             if not job.done:
                 job.finish("failed", "the model's replica ended the stream without a result")
