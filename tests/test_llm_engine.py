@@ -10,6 +10,7 @@ import torch
 
 from engine.errors import InvalidInput, ModelUnavailable, PromptTooLong, QueueFull
 from engine.llm.constraints import ForcedTokens
+from engine.llm.engine import LLMEngine, LLMEngineConfig
 from engine.llm.types import GenerationRequest, SamplingParams
 from tests.llm_fixtures import (
     NothingAllowed,
@@ -431,3 +432,16 @@ def test_memory_bytes_sleep_and_wake(llama, tokenizer):
         assert_all_blocks_free(engine)
     finally:
         engine.close()
+
+
+def test_the_step_thread_uses_the_configured_cpu_threads(llama, tokenizer):
+    """On CPU the step thread runs its own intra-op thread count (LLMEngineConfig.cpu_threads),
+    leaving the caller's setting alone."""
+    caller = torch.get_num_threads()
+    for threads in (1, 2):
+        engine = LLMEngine(llama, tokenizer, LLMEngineConfig(kv_cache_bytes=1 << 22, cpu_threads=threads))
+        try:
+            assert engine.core.call(torch.get_num_threads) == threads
+        finally:
+            engine.close()
+    assert torch.get_num_threads() == caller

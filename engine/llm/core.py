@@ -80,8 +80,9 @@ def choice_seed(seed: int, index: int) -> int:
 
 class EngineCore:
     def __init__(self, runner, scheduler: Scheduler, *, eos_token_ids: frozenset[int], max_model_len: int,
-                 block_size: int, vocab_size: int):
+                 block_size: int, vocab_size: int, cpu_threads: int | None = None):
         self.runner = runner
+        self.cpu_threads = cpu_threads
         self.scheduler = scheduler
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
@@ -175,6 +176,8 @@ class EngineCore:
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        if self.cpu_threads and self.runner.device.type == "cpu":
+            torch.set_num_threads(self.cpu_threads)
         while not self._closing:
             self._drain_inbox()
             if not self.scheduler.has_work():
