@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from engine.engine import Engine, demo_registry
-from engine.errors import InvalidInput, ModelUnavailable, PromptTooLong
+from engine.errors import InvalidInput, ModelUnavailable, PromptTooLong, QueueFull
 from engine.files import FileStore
 from engine.jobs import Job
 from engine.llm.types import SamplingParams
@@ -120,18 +120,23 @@ async def test_finished_jobs_leave_memory_after_the_retention_window(engine):
 
 
 async def test_engine_errors_while_running_fail_the_job_with_their_message(settings):
-    from engine.engine import EngineOptions
-
+    """An engine error raised while a job runs (here the LLM's queue-full refusal) fails that job
+    with the error's own message, not a Python class name."""
     registry = demo_registry(settings.home, settings.models)
-    engine = Engine(registry, FileStore(settings.home / "engine-test-files"),
-                    EngineOptions(llm_overrides={"max_queue": 1}))
+    engine = Engine(registry, FileStore(settings.home / "engine-test-files"))
     try:
-        jobs = [await engine.submit(_job(engine, TextTask(prompt="Hi", params=SamplingParams(
-            max_new_tokens=4, temperature=0)))) for _ in range(4)]
-        for job in jobs:
-            assert await job.wait(60)
-        refused = [j for j in jobs if j.status == "failed"]
-        assert refused and all(j.error.startswith("more than 1 requests") for j in refused)
+        version = registry.resolve("ember/tiny-chat")
+        llm = (await asyncio.to_thread(engine.pool.acquire, version)).worker
+        engine.pool.release(version)
+
+        async def refuse(request):
+            raise QueueFull("more than 1 requests are waiting")
+            yield  # an async generator, like LLMEngine.generate
+
+        llm.generate = refuse
+        job = await engine.submit(_job(engine, TextTask(prompt="Hi", params=SamplingParams(max_new_tokens=4))))
+        assert await job.wait(60)
+        assert job.status == "failed" and job.error == "more than 1 requests are waiting"
     finally:
         await engine.close()
 
