@@ -435,7 +435,7 @@ class ModelPool:
         moving_in = {d: size - state.memory.get(d, 0) for d, size in state.awake_memory.items()
                      if size > state.memory.get(d, 0)}
         phase("making room")
-        self._make_room(version, moving_in, others_only=True)
+        self._make_room(version, moving_in)
         with self.lock:
             state.phase = "waking"
         phase("waking")
@@ -513,7 +513,7 @@ class ModelPool:
 
     # -- making room ------------------------------------------------------------------------------
 
-    def _make_room(self, version: Version, need: dict[str, int], others_only: bool = False) -> None:
+    def _make_room(self, version: Version, need: dict[str, int]) -> None:
         """Sleep or unload LRU idle versions until `need` (bytes per device) fits every budget."""
         for device, share in need.items():
             budget = self.budgets.get(device)

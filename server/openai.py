@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from engine.errors import BadRequest, Forbidden, InvalidInput, JobFailed
+from engine.errors import Forbidden, InvalidInput, JobFailed
 from engine.jobs import Choice, Event, Job
 from engine.llm.types import SamplingParams, TokenLogprob
 from engine.registry import Version, parse_keep_alive
@@ -165,17 +165,7 @@ class CompletionRequest(SamplingRequest):
 
 
 def text_version(request: Request, model: str | None) -> Version:
-    registry = request.app.state.engine.registry
-    if not model:
-        version = next((v for v in registry.versions() if v.kind == "text-generation"), None)
-        if version is None:
-            raise InvalidInput("model is required: no text-generation model is configured", param="model")
-        return version
-    version = registry.resolve(model)
-    if version.kind != "text-generation":
-        raise BadRequest(f"Model '{model}' is a {version.kind} model; chat and text completions need a "
-                            "text-generation model.", param="model")
-    return version
+    return request.app.state.engine.registry.resolve_kind(model, "text-generation", "chat and text completions")
 
 
 def sampling_params(body: SamplingRequest, version: Version, max_tokens: int | None,

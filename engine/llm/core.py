@@ -254,7 +254,9 @@ class EngineCore:
             logits, sampled, prompt_logits = self._execute(batch.seqs, batch.num_tokens)
             rows = [i for i, s in enumerate(sampled) if s.params.max_new_tokens > 0]
             to_sample = [sampled[i] for i in rows]
-            result = sample(logits[rows], to_sample, self._generator, self.sampler_state) if to_sample else None
+            if len(rows) < len(sampled):  # scoring-only rows (max_new_tokens 0) sample nothing
+                logits = logits[rows]
+            result = sample(logits, to_sample, self._generator, self.sampler_state) if to_sample else None
         except Exception as exc:
             logger.exception("LLM engine forward/sampling failed")
             self.counters["failed_steps"] += 1

@@ -62,7 +62,7 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.scratch_block = num_blocks  # one extra block that padding rows write to and attend to
-        self.kv_shape = num_layers, num_kv_heads, head_dim = kv_layout(model)
+        num_layers, num_kv_heads, head_dim = kv_layout(model)
         self.k_caches, self.v_caches = allocate_kv(layer_devices(model, num_layers), num_blocks, block_size,
                                                    num_kv_heads, head_dim, self.dtype)
         num_heads = model.config.get_text_config().num_attention_heads
