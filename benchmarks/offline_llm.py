@@ -15,7 +15,7 @@ vs. a measured device copy bandwidth), which is the meaningful yardstick on a GP
 
     python -m benchmarks.offline_llm               # CPU, the full workload (about 10 min on 2 cores)
     python -m benchmarks.offline_llm --quick       # a few minutes
-    python -m benchmarks.offline_llm --device cuda # Llama-2-7B shape, bf16
+    python -m benchmarks.offline_llm --device cuda # Llama-3-8B shape, bf16
     python -m benchmarks.offline_llm --fragment    # fresh vs fragmented block pool, same probe
 
 --fragment measures one engine twice on a 64-request probe: once fresh, and once (same shapes,
@@ -48,9 +48,10 @@ from benchmarks.common import device_label
 def build_model(device: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if device == "cuda":  # Llama-2-7B shape
-        config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                             num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+    if device == "cuda":  # Llama-3-8B shape
+        config = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                             num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                             rope_theta=500000.0)
         dtype = torch.bfloat16
     else:
         config = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,

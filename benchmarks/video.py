@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -45,6 +46,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--family", default="i2vgen-xl", help="tiny family to build when --model is not given")
     parser.add_argument("--model", help="a saved pipeline folder or hub repo (default: a tiny one built here)")
+    parser.add_argument("--full-size", action="store_true",
+                        help="build I2VGen-XL at its real component sizes with random weights (a GPU run; no "
+                             "hub needed) and use it as --model")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=list(BATCH_SIZES))
+    parser.add_argument("--warmups", type=int, default=1, help="warm-up runs before each timed comparison")
     parser.add_argument("--pipeline-class", help="diffusers class (default: from model_index.json)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--steps", type=int, default=8)
@@ -91,15 +97,20 @@ async def timed(run, device: str) -> float:
     return time.perf_counter() - start
 
 
+WARMUPS = 1
+
+
 async def compare(first, second, device: str, repeats: int) -> tuple[list[float], list[float]]:
     """Wall times of `first` and `second`, alternated so that background load hits both alike,
-    after one warm-up run of each."""
-    await first()
-    await second()
+    after WARMUPS warm-up runs of each."""
+    for _ in range(WARMUPS):
+        await first()
+        await second()
     times = [], []
     for _ in range(repeats):
         times[0].append(await timed(first, device))
         times[1].append(await timed(second, device))
+        print(f"    {times[0][-1]:8.2f} s vs {times[1][-1]:8.2f} s", flush=True)
     return times
 
 
@@ -141,7 +152,7 @@ async def measure_batching(pipe, family, requests: list[dict], device: str, repe
 
     try:
         sequential_runs, batched_runs = await compare(one_by_one, together, device, repeats)
-        assert batched.batch_sizes == {n: repeats + 1}, batched.batch_sizes
+        assert batched.batch_sizes == {n: repeats + WARMUPS}, batched.batch_sizes
     finally:
         single.close()
         batched.close()
@@ -156,7 +167,7 @@ async def measure(args, pipe, family) -> dict:
     overhead = await measure_overhead(pipe, family, inputs, args.device, args.repeats)
     batching = [await measure_batching(pipe, family, [request_inputs(args, family, seed=i) for i in range(n)],
                                        args.device, args.repeats)
-                for n in BATCH_SIZES]
+                for n in args.batch_sizes]
     return {"overhead": overhead, "batching": batching}
 
 
@@ -210,11 +221,64 @@ def plot(result: dict, path: Path) -> bool:
     return True
 
 
+def build_full_size_i2vgen_xl(folder: Path, device: str) -> Path:
+    """I2VGen-XL with its real component shapes (diffusers' I2VGenXLUNet defaults are the released
+    UNet's; OpenCLIP ViT-H/14 text and image towers; the SD VAE) and random weights, in float16."""
+    from diffusers import AutoencoderKL, DDIMScheduler, I2VGenXLPipeline, I2VGenXLUNet
+    from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig,
+                              CLIPVisionModelWithProjection)
+
+    from engine.video.demo import _clip_tokenizer
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = I2VGenXLUNet(sample_size=None)
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            sample_size=768)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            bos_token_id=0, eos_token_id=1, pad_token_id=1, vocab_size=49408, hidden_size=1024,
+            intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16, projection_dim=1024,
+            hidden_act="gelu", max_position_embeddings=77))
+        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+            hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, patch_size=14,
+            image_size=224, projection_dim=1024, hidden_act="gelu"))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, rescale_betas_zero_snr=True, timestep_spacing="leading",
+                              steps_offset=1)
+    pipe = I2VGenXLPipeline(vae=vae, text_encoder=text_encoder, tokenizer=_clip_tokenizer(), unet=unet,
+                            image_encoder=image_encoder, feature_extractor=CLIPImageProcessor(crop_size=224, size=224),
+                            scheduler=scheduler)
+    pipe.to(dtype=torch.float16)
+    pipe.save_pretrained(folder)
+    del pipe
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return folder
+
+
+def full_size_i2vgen_xl_folder(device: str) -> Path:
+    """The full-size random I2VGen-XL under EMBER_HOME/bench, built on first use."""
+    from engine.config import ember_home
+
+    folder = ember_home() / "bench" / "i2vgen-xl-full-size"
+    if not (folder / "model_index.json").exists():
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        build_full_size_i2vgen_xl(partial, device)
+        partial.rename(folder)
+    return folder
+
+
 def main(argv=None) -> dict:
+    global WARMUPS
     args = parse_args(argv)
+    WARMUPS = args.warmups
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     with tempfile.TemporaryDirectory() as tmp:
+        if args.full_size:
+            args.model = str(full_size_i2vgen_xl_folder(args.device))
         model = args.model or str(build_tiny_i2v(Path(tmp) / args.family, args.family))
         pipeline_class = args.pipeline_class or pipeline_class_of(model)
         family = family_for(pipeline_class)
@@ -225,7 +289,8 @@ def main(argv=None) -> dict:
         result = {
             "benchmark": "video",
             "family": family.name,
-            "model": args.model or f"tiny {family.name} (engine.video.demo)",
+            "model": ("I2VGen-XL full size, random weights" if args.full_size else args.model)
+            or f"tiny {family.name} (engine.video.demo)",
             "device": device_label(args.device),
             "dtype": args.dtype,
             "repeats": args.repeats,
@@ -235,7 +300,7 @@ def main(argv=None) -> dict:
         }
     print(report(result))
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"video_{family.name}_{result['device']}"
+    stem = args.out / f"video_{family.name}{'_full-size' if args.full_size else ''}_{result['device']}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     saved = [stem.with_suffix(".json")] + ([stem.with_suffix(".png")] if plot(result, stem.with_suffix(".png")) else [])
     print("saved", ", ".join(str(p) for p in saved))

@@ -392,6 +392,10 @@ class ModelPool:
             state = self.states[version.id]
             state.in_use = max(0, state.in_use - 1)
             self._touch(state)
+            loaded = state.loaded
+            if (loaded is not None and getattr(loaded.worker, "memory_grows", False) and state.asleep is None
+                    and version.id not in self.transitions):
+                state.memory = self._measure(loaded)  # e.g. a video call's activation peak, now known
             idle_for = keep_alive if keep_alive is not None else version.keep_alive
             if state.in_use or version.pin or idle_for is None or idle_for < 0:
                 state.expires_at = None

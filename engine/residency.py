@@ -1,8 +1,9 @@
 """Where a loaded worker's bytes sit, and putting a worker to sleep and waking it.
 
-`measure` counts a worker's real tensors per device: the weights of its torch modules plus an LLM
-engine's KV cache and workspaces (`engine.memory_bytes()`). That is what the pool charges against
-each device's budget.
+`measure` counts a worker's real tensors per device: the weights of its torch modules plus what the
+worker reports beyond them (`worker.memory_bytes()`: an LLM engine's KV cache and workspaces, a video
+worker's largest activation peak so far). That is what the pool charges against each device's
+budget; workers whose charge grows with use (`memory_grows`) are measured again after each use.
 
 Sleep frees what can be rebuilt cheaply and parks what cannot: an LLM engine frees its KV cache
 and workspaces (their contents are only a cache), and weights on a GPU are copied to pinned host
@@ -50,7 +51,8 @@ def weight_bytes(worker: Any) -> dict[str, int]:
 
 
 def cache_bytes(worker: Any) -> dict[str, int]:
-    """An LLM engine's KV cache and workspaces per device (empty for other workers)."""
+    """What a worker holds beyond its weights, per device (an LLM engine's KV cache, a video
+    worker's activation peak); empty for workers that report nothing."""
     own = getattr(worker, "memory_bytes", None)
     if not callable(own):
         return {}

@@ -3,12 +3,17 @@
 Models are tiny, random and float32; the tokenizer and chat model come from engine.demo. Every
 engine gets its own deep copy of a model, because the engine switches the model to its paged
 attention, while reference outputs come from an untouched copy running `model.generate`.
+
+`EMBER_TEST_DEVICE=cuda` (and optionally `EMBER_TEST_DTYPE=bfloat16`) runs the same tests with the
+model on a GPU, so the CUDA paths (Triton paged attention, CUDA graphs, pinned staging) are checked
+against transformers' own `generate` on that device.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import os
 import random
 
 import pytest
@@ -16,6 +21,9 @@ import torch
 
 from engine.llm.engine import LLMEngine, LLMEngineConfig
 from engine.llm.types import GenerationDelta, GenerationRequest, SamplingParams
+
+TEST_DEVICE = torch.device(os.environ.get("EMBER_TEST_DEVICE", "cpu"))
+TEST_DTYPE = getattr(torch, os.environ.get("EMBER_TEST_DTYPE", "float32"))
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +44,7 @@ def tokenizer(tiny_chat_dir):
 def llama(tiny_chat_dir):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(tiny_chat_dir, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(tiny_chat_dir, dtype=TEST_DTYPE).to(TEST_DEVICE).eval()
 
 
 def make_engine(model, tokenizer, **config) -> LLMEngine:
@@ -64,7 +72,8 @@ def reference_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]
     key = (id(model), tuple(prompt), max_new_tokens)
     if key not in _reference_cache:
         with torch.inference_mode():
-            out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            ids = torch.tensor([prompt], device=model.device)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids),
                                  max_new_tokens=max_new_tokens, do_sample=False)
         _reference_cache[key] = out[0, len(prompt):].tolist()
     return _reference_cache[key]

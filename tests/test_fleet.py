@@ -317,3 +317,29 @@ def test_sleep_parks_gpu_weights_in_pinned_host_memory(tmp_path, demo_folders):
 def kv_bytes_on(awake: dict, llm) -> int:
     return awake["cuda:0"] - sum(p.nbytes for p in llm.model.parameters()) - sum(
         b.nbytes for b in llm.model.buffers())
+
+
+def test_a_worker_whose_charge_grows_is_measured_again_after_each_use(chats):
+    """A video worker learns its activation peak from its first call; the pool charges it from
+    the next release on (and only while the weights are awake)."""
+    one = chats["one"]
+
+    class GrowingWorker:
+        memory_grows = True
+
+        def __init__(self):
+            self.model = torch.nn.Linear(8, 8)
+            self.peak = 0
+
+        def memory_bytes(self):
+            return {"cpu": self.peak} if self.peak else {}
+
+    worker = GrowingWorker()
+    pool = ModelPool(lambda v: Loaded(version=v, worker=worker, devices=["cpu"], bytes=1), {"cpu": 1 << 30})
+    weights = sum(p.nbytes for p in worker.model.parameters())
+    pool.acquire(one)
+    assert pool.state(one).memory == {"cpu": weights}
+    worker.peak = 12345  # what the call that just ran needed
+    pool.release(one)
+    assert pool.state(one).memory == {"cpu": weights + 12345} == {"cpu": pool.used("cpu")}
+    pool.close()

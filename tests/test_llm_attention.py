@@ -137,12 +137,12 @@ def test_each_layers_cache_lives_on_its_layers_device(llama):
     from engine.llm.runner import layer_devices
 
     model = copy.deepcopy(llama)
-    assert layer_devices(model, 2) == [torch.device("cpu")] * 2
+    assert layer_devices(model, 2) == [llama.device] * 2
     model.model.layers[1].to("meta")
     devices = layer_devices(model, 2)
-    assert devices == [torch.device("cpu"), torch.device("meta")]
+    assert devices == [llama.device, torch.device("meta")]
     k_caches, v_caches = allocate_kv(devices, 5, 4, 2, 16, torch.float32)
-    assert [k.device.type for k in k_caches] == [v.device.type for v in v_caches] == ["cpu", "meta"]
+    assert [k.device.type for k in k_caches] == [v.device.type for v in v_caches] == [llama.device.type, "meta"]
 
 
 def test_index_tensors_follow_a_layer_to_its_device():
@@ -180,7 +180,7 @@ def test_execute_returns_prompt_logits_for_every_computed_token(llama):
     assert sampled == [a, b] and logits.shape == (2, model.config.vocab_size) and logits.dtype == torch.float32
     assert list(prompt_logits) == [0] and prompt_logits[0].shape == (7, model.config.vocab_size)
     with torch.inference_mode():
-        full = llama(torch.tensor([prompt])).logits[0].float()
+        full = llama(torch.tensor([prompt], device=llama.device)).logits[0].float()
     torch.testing.assert_close(prompt_logits[0], full, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(logits[0], full[-1], atol=1e-4, rtol=1e-4)
 
@@ -198,7 +198,7 @@ def test_execute_returns_prompt_logits_for_every_computed_token(llama):
 def test_kv_cache_bytes_counts_the_cache_and_workspaces(llama):
     from engine.llm.runner import ModelRunner, kv_bytes_per_token
 
-    runner = ModelRunner(copy.deepcopy(llama), num_blocks=10, block_size=4)
+    runner = ModelRunner(copy.deepcopy(llama).cpu(), num_blocks=10, block_size=4)  # the CPU backend's workspace
     cache = kv_bytes_per_token(llama, torch.float32) * 4 * 11  # ten blocks and the scratch block
     assert runner.kv_cache_bytes == cache
     runner.backend.workspace.buffers((3, 4, 2, 16))

@@ -299,7 +299,7 @@ def test_a_failing_constraint_factory_fails_only_its_request(engine, llama, toke
 def test_repetition_penalty_matches_transformers(engine, llama, tokenizer):
     prompt = random_prompts(1, len(tokenizer), seed=21, lengths=(20, 20))[0]
     with torch.inference_mode():
-        out = llama.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        out = llama.generate(torch.tensor([prompt], device=llama.device), attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=llama.device),
                              max_new_tokens=16, do_sample=False, repetition_penalty=1.8)
     expected = out[0, len(prompt):].tolist()
     got = run_all(engine, [GenerationRequest("rep", prompt, greedy(16, repetition_penalty=1.8)),
@@ -361,7 +361,7 @@ def test_a_request_racing_shutdown_ends_with_an_error(llama, tokenizer):
 
 def prompt_logprob_reference(model, prompt: list[int]) -> torch.Tensor:
     with torch.inference_mode():
-        return model(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+        return model(torch.tensor([prompt], device=model.device)).logits[0].float().log_softmax(-1)
 
 
 @pytest.mark.parametrize("chunk", [2048, 16])
@@ -437,6 +437,8 @@ def test_memory_bytes_sleep_and_wake(llama, tokenizer):
 def test_the_step_thread_uses_the_configured_cpu_threads(llama, tokenizer):
     """On CPU the step thread runs its own intra-op thread count (LLMEngineConfig.cpu_threads),
     leaving the caller's setting alone."""
+    if llama.device.type != "cpu":
+        pytest.skip("a CPU setting")
     caller = torch.get_num_threads()
     for threads in (1, 2):
         engine = LLMEngine(llama, tokenizer, LLMEngineConfig(kv_cache_bytes=1 << 22, cpu_threads=threads))
@@ -445,3 +447,17 @@ def test_the_step_thread_uses_the_configured_cpu_threads(llama, tokenizer):
         finally:
             engine.close()
     assert torch.get_num_threads() == caller
+
+
+def test_close_releases_the_kv_cache(llama, tokenizer):
+    """A closed engine holds no reference to its cache, so the next engine's budget (measured from
+    what the process's live tensors hold, on a GPU) is not charged for it."""
+    import gc
+    import weakref
+
+    engine = make_engine(llama, tokenizer)
+    run_all(engine, [GenerationRequest("r", [5, 6, 7], greedy(3))])
+    cache = weakref.ref(engine.runner.k_caches[0])
+    engine.close()
+    gc.collect()
+    assert cache() is None

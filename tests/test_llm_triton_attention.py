@@ -91,3 +91,22 @@ def test_engine_decodes_greedily_through_the_kernel(llama, tokenizer):
     graphs = with_graphs(engine, 4, EagerGraphs)
     check_greedy(llama, engine, prompts, max_new)
     assert graphs.replays > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("block_size,heads,kv_heads,head_dim,spans,window", CASES)
+def test_kernel_matches_reference_on_cuda(block_size, heads, kv_heads, head_dim, spans, window, dtype):
+    """The compiled kernel on a GPU (bfloat16 included, which the interpreter cannot run)."""
+    case = make_case(1, block_size, heads, kv_heads, head_dim, spans, dtype=dtype)
+    query, k_cache, v_cache, tables, padded, starts = (t.cuda() if torch.is_tensor(t) else t for t in case)
+    ctx = torch.tensor([c for c, _ in spans], dtype=torch.int32, device="cuda")
+    out = torch.full_like(query, float("nan"))
+    scale = head_dim ** -0.5
+    triton_paged.paged_attention(query, k_cache, v_cache, out, padded, ctx, starts, max(q for _, q in spans),
+                                 scale, window)
+    expected = reference(query.float().cpu(), k_cache.float().cpu(), v_cache.float().cpu(), tables,
+                         [c for c, _ in spans], [q for _, q in spans], scale, window)
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float().cpu(), expected, atol=tolerance, rtol=tolerance)

@@ -36,3 +36,6 @@ def test_worker_on_cuda(tiny_video_dirs, family, dtype, cpu_offload, compile):
         assert step_logs(events) == ["step 1/2", "step 2/2"]
         assert decode_mp4(events[-1].video).shape[0] == frames
     assert worker.batch_sizes == {2: 1}
+    if not cpu_offload:  # the activation peak is charged to the pool while the weights are on the GPU
+        assert worker.activation_peak_bytes > 0
+        assert worker.memory_bytes() == {f"cuda:{torch.cuda.current_device()}": worker.activation_peak_bytes}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -113,8 +114,11 @@ class LLMEngine:
         if budget is None:
             if device.type == "cuda":
                 free, total = torch.cuda.mem_get_info(device)
-                budget = kv_budget_bytes(total, free, torch.cuda.memory_reserved(device),
-                                         self.config.gpu_memory_utilization)
+                # What this process holds is what its live tensors hold: memory the caching
+                # allocator keeps from freed tensors (a closed engine's cache) is free for this one.
+                allocated = torch.cuda.memory_allocated(device)
+                cached = torch.cuda.memory_reserved(device) - allocated
+                budget = kv_budget_bytes(total, free + cached, allocated, self.config.gpu_memory_utilization)
             else:
                 budget = CPU_KV_CACHE_BYTES
         return max(1, budget // per_block)
@@ -223,8 +227,14 @@ class LLMEngine:
         self.core.call(wake_up)
 
     def close(self) -> None:
-        """Stop the loop thread; requests still in flight end with "abort"."""
+        """Stop the loop thread; requests still in flight end with "abort". The KV cache, the graphs
+        and their workspaces are released at once (on a GPU their memory goes back to the device),
+        so the next engine's budget is not measured against a closed engine's cache."""
         self.core.close()
+        self.core.runner = None
+        if self.device.type == "cuda":
+            gc.collect()  # the runner and its graphs refer to each other: free them now, not at some later gc
+            torch.cuda.empty_cache()
 
     # -- validation ----------------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ if triton is not None:
         stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
         stride_bt, block_size, group_size, head_dim,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SLIDING: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -72,7 +73,7 @@ if triton is not None:
                             + offs_d[None, :], mask=kv_mask, other=0.0)
                 v = tl.load(V + (block * stride_vb + within * stride_vs + kv_head * stride_vh)[:, None]
                             + offs_d[None, :], mask=kv_mask, other=0.0)
-                s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
                 allowed = (offs_n[None, :] <= q_pos[:, None]) & n_valid[None, :]
                 if SLIDING:
                     allowed = allowed & (offs_n[None, :] > q_pos[:, None] - window)
@@ -82,7 +83,7 @@ if triton is not None:
                 p = tl.exp(s - m_safe[:, None])
                 alpha = tl.exp(m_i - m_safe)
                 l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
                 m_i = m_new
             out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
             tl.store(O + (q_start + offs_m)[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
@@ -112,4 +113,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         block_tables.stride(0), block_size, heads // kv_heads, head_dim,
         BLOCK_M=block_m, BLOCK_N=32, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         SLIDING=window is not None,
+        # float32 caches get full-precision products: tl.dot would otherwise round them to TF32
+        # (about 1e-2 off on logits, enough to change greedy tokens against the model's own forward)
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
     )

@@ -26,6 +26,7 @@ from typing import AsyncIterator, Callable, Literal
 
 import torch
 
+from engine import residency
 from engine.errors import ModelUnavailable
 from engine.video.export import to_mp4
 from engine.video.families import MAX_SEED, VideoFamily
@@ -109,6 +110,29 @@ def _step_hook(pipeline, on_step: Callable[[int, int], None]):
         del pipeline.progress_bar
 
 
+def _device_key(device: torch.device) -> str:
+    """The device as the pool's memory maps name it ("cuda:0", never a bare "cuda")."""
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)
+
+
+@contextmanager
+def _activation_peak(worker: "VideoWorker"):
+    """Record how far device memory rose during a pipeline call (CUDA; the peak counter is the
+    device's, so another model's allocations in the same moment count too, which errs on the safe side)."""
+    if worker.device.type != "cuda":
+        yield
+        return
+    torch.cuda.reset_peak_memory_stats(worker.device)
+    before = torch.cuda.memory_allocated(worker.device)
+    try:
+        yield
+    finally:
+        peak = torch.cuda.max_memory_allocated(worker.device) - before
+        worker.activation_peak_bytes = max(worker.activation_peak_bytes, peak)
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     oom_type = getattr(torch.cuda, "OutOfMemoryError", ())
     return isinstance(exc, oom_type) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
@@ -128,12 +152,26 @@ class VideoWorker:
         self.device = torch.device(device) if device is not None else pipeline._execution_device
         self.batch_window_s = batch_window_s
         self.batch_sizes: Counter[int] = Counter()  # pipeline calls run, by batch size
+        # The most device memory one pipeline call has needed beyond what was allocated before it
+        # (CUDA only): activations at 16 frames of 1280x704 take several times the weights.
+        self.activation_peak_bytes = 0
         self._lock = threading.Condition()
         self._pending: list[_Member] = []
         self._active: dict[str, _Member] = {}
         self._closed = False
         self._thread = threading.Thread(target=self._serve, name=f"ember-video-{family.name}", daemon=True)
         self._thread.start()
+
+    memory_grows = True  # the pool re-measures `memory_bytes` after each use
+
+    def memory_bytes(self) -> dict[str, int]:
+        """What the pool should charge beyond the weights: the largest activation peak seen so far,
+        while the weights are on the device (the caching allocator keeps those blocks between calls,
+        and the next call of that size needs them again)."""
+        key = _device_key(self.device)
+        if not self.activation_peak_bytes or not residency.weight_bytes(self).get(key):
+            return {}
+        return {key: self.activation_peak_bytes}
 
     async def generate(self, request: VideoRequest) -> AsyncIterator[VideoEvent]:
         """Queue `request` and stream its events. Raises InvalidInput (before any event) when the
@@ -274,7 +312,8 @@ class VideoWorker:
         self.batch_sizes[len(live)] += 1
         generators = [torch.Generator("cpu").manual_seed(m.seed) for m in live]
         kwargs = self.family.call_kwargs([m.inputs for m in live], generators)
-        with _step_hook(self.pipeline, lambda step, total: self._on_step(live, step, total)):
+        with _step_hook(self.pipeline, lambda step, total: self._on_step(live, step, total)), \
+                _activation_peak(self):
             videos = self.pipeline(**kwargs).frames
         fps = live[0].inputs["fps"]
         for member, frames in zip(live, videos, strict=True):
