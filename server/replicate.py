@@ -33,6 +33,7 @@ from server import files_api
 from server.sse import event_source
 from server.auth import require_identity
 from server.jobs import prediction_doc, prediction_urls, request_base_url
+from server.store import UNFINISHED, Store
 from server.webhooks import EVENTS, WebhookSender, check_target
 
 log = logging.getLogger("ember.replicate")
@@ -42,6 +43,7 @@ router.include_router(files_api.router)
 
 WAIT_MAX_S = 60
 CANCEL_WAIT_S = 2.0
+FOLLOW_POLL_S = 0.2  # how often a record another replica writes is re-read (stream, cancel)
 PING_S = 10
 PAGE_SIZE = 100
 
@@ -157,7 +159,8 @@ def render(request: Request, item: Job | dict) -> dict:
 
 
 def find(request: Request, prediction_id: str, identity: str) -> Job | dict:
-    """The live job if the engine still holds it, else the stored record (owner-scoped)."""
+    """The live job if this replica's engine holds it, else the stored record (owner-scoped):
+    a finished prediction, or one another replica runs."""
     job = request.app.state.engine.jobs.get(prediction_id)
     if job is not None:
         if job.owner not in (identity, None):
@@ -185,22 +188,36 @@ def sse_items(event: Event) -> list[dict]:
     return items
 
 
-def stored_events(doc: dict) -> list[Event]:
-    """The events of a prediction that is only in the store: its logs, its output, its end."""
-    output = doc.get("output")
-    chunks = output if isinstance(output, list) else ([] if output is None else [output])
-    events = [Event(0, "logs", line) for line in (doc.get("logs") or "").splitlines()]
-    events += [Event(0, "output", chunk if isinstance(chunk, str) else json.dumps(chunk)) for chunk in chunks]
-    if doc.get("status") in ("succeeded", "failed", "canceled"):
-        events.append(Event(0, "done", {"status": doc["status"], "error": doc.get("error")}))
-    for index, event in enumerate(events):
-        event.id = index
-    return events
+async def followed_record(store: Store, doc: dict) -> AsyncIterator[Event]:
+    """The events of a prediction only in the store, as they come: a running one (on another
+    replica) is re-read every FOLLOW_POLL_S until it ends. A log line is sent once complete; output
+    chunks as they are recorded (a record grows at most every SAVE_INTERVAL_S)."""
+    sent_lines = sent_chunks = 0
+    next_id = 0
+    while True:
+        ended = doc.get("status") not in UNFINISHED
+        lines = (doc.get("logs") or "").splitlines(keepends=True)
+        if not ended and lines and not lines[-1].endswith("\n"):
+            lines.pop()
+        output = doc.get("output")
+        chunks = output if isinstance(output, list) else ([] if output is None else [output])
+        fresh = [("logs", line.rstrip("\n")) for line in lines[sent_lines:]]
+        fresh += [("output", c if isinstance(c, str) else json.dumps(c)) for c in chunks[sent_chunks:]]
+        if ended:
+            fresh.append(("done", {"status": doc["status"], "error": doc.get("error")}))
+        sent_lines, sent_chunks = len(lines), len(chunks)
+        for kind, data in fresh:
+            yield Event(next_id, kind, data)
+            next_id += 1
+        if ended:
+            return
+        await asyncio.sleep(FOLLOW_POLL_S)
+        doc = await asyncio.to_thread(store.get_prediction, doc["id"], None)
 
 
 async def sse_stream(request: Request, item: Job | dict, cancel_on_disconnect: bool) -> AsyncIterator[dict]:
     if not isinstance(item, Job):
-        for event in stored_events(item):
+        async for event in followed_record(request.app.state.store, item):
             for sse in sse_items(event):
                 yield sse
         return
@@ -242,6 +259,7 @@ async def create_prediction(request: Request, ref: str, body: ModelPredictionBod
     doc = render(request, job)
     if wait is not None and not job.done:
         doc["status"] = "starting"  # the client treats anything but `starting` as final here
+    await request.app.state.jobs.committed()
     return JSONResponse(doc, status_code=201, headers=headers)
 
 
@@ -295,7 +313,22 @@ async def cancel_prediction(prediction_id: str, request: Request, identity: str 
     if isinstance(item, Job) and not item.done:
         request.app.state.engine.cancel(item.id)
         await item.wait(CANCEL_WAIT_S)
+    elif isinstance(item, dict) and item["status"] in UNFINISHED:
+        item = await cancel_elsewhere(request.app.state.store, item)
     return render(request, item)
+
+
+async def cancel_elsewhere(store: Store, doc: dict) -> dict:
+    """Cancel a prediction another replica runs: flag it in the store (that replica cancels it
+    within a heartbeat; if it has died, the replica adopting it does), then wait up to
+    CANCEL_WAIT_S for the record to say so. Returns the newest record."""
+    if not await asyncio.to_thread(store.request_cancel, doc["id"]):
+        return await asyncio.to_thread(store.get_prediction, doc["id"], None)
+    deadline = asyncio.get_running_loop().time() + CANCEL_WAIT_S
+    while doc["status"] in UNFINISHED and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(FOLLOW_POLL_S)
+        doc = await asyncio.to_thread(store.get_prediction, doc["id"], None)
+    return doc
 
 
 @router.get("/v1/predictions/{prediction_id}/stream")
@@ -343,14 +376,21 @@ async def run_sse(body: RunBody, request: Request, identity: str = Depends(requi
 
 async def on_startup(app) -> None:
     """Deliver webhooks for every job, and re-run the predictions a restart interrupted (when
-    configured; app.state.requeue holds them). Jobs of other dialects have no one left waiting
-    for them, so they stay failed as interrupted."""
+    configured; app.state.requeue holds them)."""
     jobs = app.state.jobs
     sender = WebhookSender(lambda job: public(prediction_doc(job, jobs.base_url)), app.state.settings.webhook_secret,
                            app.state.settings.webhooks_may_reach_private, asyncio.get_running_loop())
     app.state.webhooks = sender
     jobs.hooks.append(sender.on_change)
-    for doc in app.state.requeue:
+    await resubmit(app, app.state.requeue)
+
+
+async def resubmit(app, docs: list[dict]) -> None:
+    """Run again the adopted predictions of a restart or of a replica that died (their records
+    keep id and creation time). Jobs of other dialects have no one left waiting for them, so they
+    are failed as interrupted."""
+    jobs = app.state.jobs
+    for doc in docs:
         if doc["id"] in app.state.engine.jobs:
             continue
         if doc.get("source") != "replicate":
