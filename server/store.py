@@ -72,7 +72,9 @@ def _sqlite_engine(url: str):
 
     @event.listens_for(engine, "begin")
     def _begin(conn) -> None:
-        conn.exec_driver_sql("BEGIN")
+        # IMMEDIATE: take the write lock at the start, so a transaction that reads then writes
+        # (adopting orphans) waits for another process's instead of failing half-way.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
 
@@ -195,16 +197,17 @@ class Store:
         cutoff = time.time() - lease_s
         live = select(replicas.c.id).where(replicas.c.id == self.replica_id if alone
                                            else replicas.c.heartbeat >= cutoff)
+        mine = predictions.c.replica == self.replica_id
         orphans = (select(predictions.c.id, predictions.c.doc, predictions.c.cancel_requested)
                    .where(predictions.c.status.in_(UNFINISHED),
-                          or_(predictions.c.replica.is_(None), predictions.c.replica.not_in(live)))
+                          or_(predictions.c.replica.is_(None), ~mine & predictions.c.replica.not_in(live)))
                    .with_for_update(skip_locked=True, of=predictions))
         with self._tx() as conn:
             rows = conn.execute(orphans).all()
             if rows:
                 conn.execute(update(predictions).where(predictions.c.id.in_([r.id for r in rows]))
                              .values(replica=self.replica_id))
-            conn.execute(delete(replicas).where(replicas.c.heartbeat < cutoff))
+            conn.execute(delete(replicas).where(replicas.c.heartbeat < cutoff, replicas.c.id != self.replica_id))
         return [{**json.loads(r.doc), "_cancel_requested": bool(r.cancel_requested)} for r in rows]
 
     def request_cancel(self, prediction_id: str) -> bool:
