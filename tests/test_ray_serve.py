@@ -197,6 +197,18 @@ def test_scale_block_becomes_serve_options():
             version(bad)
 
 
+def test_several_ingress_replicas_need_a_postgresql_store(tmp_path):
+    from server.ray_serve import check_ingress_replicas
+    from server.settings import Settings
+
+    check_ingress_replicas(Settings(home=tmp_path))
+    with pytest.raises(ValueError, match="EMBER_DATABASE_URL"):
+        check_ingress_replicas(Settings(home=tmp_path, ingress_replicas=2))
+    with pytest.raises(ValueError, match="at least 1"):
+        check_ingress_replicas(Settings(home=tmp_path, ingress_replicas=0))
+    check_ingress_replicas(Settings(home=tmp_path, ingress_replicas=3, database_url="postgresql://db/ember"))
+
+
 def test_cancel_through_the_api_aborts_on_the_replica(ray_server, url):
     headers = {"Authorization": f"Bearer {API_KEY}"}
     with httpx.Client(base_url=url, headers=headers, timeout=60) as http:
