@@ -14,11 +14,28 @@ from __future__ import annotations
 
 from typing import Callable
 
-from sqlalchemy import (Boolean, Column, Connection, Double, Index, Integer, MetaData, Table, Text, false,
-                        inspect, select, text)
+from sqlalchemy import (Boolean, Column, Connection, Double, Index, Integer, MetaData, Table, false, inspect,
+                        select, text)
+from sqlalchemy import Text as PlainText
+from sqlalchemy.types import TypeDecorator
 
 SCHEMA_VERSION = 2
 MIGRATION_LOCK_KEY = 0x656D626572  # "ember": the advisory lock that serialises migrations on PostgreSQL
+
+
+
+class Text(TypeDecorator):
+    """Text that PostgreSQL takes whatever the client sent: it refuses NUL characters in strings,
+    so they are stored (and looked up) as U+FFFD there. SQLite keeps them."""
+
+    impl = PlainText
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if isinstance(value, str) and dialect.name == "postgresql" and "\x00" in value:
+            return value.replace("\x00", "\ufffd")
+        return value
+
 
 metadata = MetaData()
 

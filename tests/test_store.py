@@ -245,3 +245,12 @@ def test_a_cancel_asked_through_another_replica_reaches_the_runner(location):
     assert [(d["id"], d["_cancel_requested"]) for d in adopted] == [("q", True)]
     runner.close()
     other.close()
+
+
+def test_nul_characters_are_stored_and_looked_up_on_every_backend(store):
+    session = store.create_session("alice", "o/m", session_id="chat\x00id")
+    assert store.find_session("chat\x00id") == {"id": session["id"]}
+    row = store.add_message(session["id"], "user", "a\x00b")
+    assert row["content"] in ("a\x00b", "a\ufffdb")  # PostgreSQL text cannot hold NUL
+    with pytest.raises(NotFound):
+        store.get_prediction("nope\x00", None)
