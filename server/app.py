@@ -9,6 +9,7 @@ from typing import Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 
 from engine.engine import Engine, EngineOptions, demo_registry
 from engine.files import FileStore
@@ -19,7 +20,7 @@ from server.guard import Limits, RequestGuard
 from server.openapi_docs import error_responses
 from server.jobs import JobService
 from server.settings import Settings
-from server.store import Store
+from server.store import Store, database_url, redacted
 
 log = logging.getLogger("ember.server")
 
@@ -47,7 +48,10 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
             max_running_jobs=settings.max_queue,
             memory_budgets=settings.memory_budget_bytes(),
             file_url=lambda file_id: f"{base}/v1/files/{file_id}/content"))
-        store = await asyncio.to_thread(Store, settings.database, settings.max_sessions_per_key)
+        try:
+            store = await asyncio.to_thread(Store, settings.database, settings.max_sessions_per_key)
+        except SQLAlchemyError as exc:
+            raise RuntimeError(f"cannot open the store {redacted(database_url(settings.database))}: {exc}") from None
         app.state.settings = settings
         app.state.engine = engine
         app.state.files = files

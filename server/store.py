@@ -37,6 +37,7 @@ from engine.jobs import new_id, utcnow
 from server.store_schema import feedback, messages, migrate, predictions, replicas, responses, sessions
 
 UNFINISHED = ("starting", "processing")
+READ_ONLY = "ember_read_only"  # execution option: a SQLite connection that only reads begins no transaction
 
 
 def database_url(location: Path | str) -> str:
@@ -72,6 +73,8 @@ def _sqlite_engine(url: str):
 
     @event.listens_for(engine, "begin")
     def _begin(conn) -> None:
+        if conn.get_execution_options().get(READ_ONLY):
+            return  # one SELECT is consistent on its own: no transaction to begin and commit
         # IMMEDIATE: take the write lock at the start, so a transaction that reads then writes
         # (adopting orphans) waits for another process's instead of failing half-way.
         conn.exec_driver_sql("BEGIN IMMEDIATE")
@@ -102,6 +105,12 @@ class Store:
         with self.lock, self.engine.begin() as conn:
             yield conn
 
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        """A connection for one query that only reads."""
+        with self.lock, self.engine.connect() as conn:
+            yield conn.execution_options(**{READ_ONLY: True})
+
     def _insert(self, table):
         """INSERT with this backend's ON CONFLICT support."""
         return (pg_dialect if self.backend == "postgresql" else sqlite_dialect).insert(table)
@@ -112,7 +121,7 @@ class Store:
 
     def ping(self) -> None:
         """Raises when the database cannot be reached."""
-        with self._tx() as conn:
+        with self._read() as conn:
             conn.exec_driver_sql("SELECT 1")
 
     # ------------------------------------------------------------ predictions
@@ -141,7 +150,7 @@ class Store:
             self._upsert_predictions(conn, docs)
 
     def get_prediction(self, prediction_id: str, owner: str | None) -> dict:
-        with self._tx() as conn:
+        with self._read() as conn:
             row = conn.execute(select(predictions.c.owner, predictions.c.doc)
                                .where(predictions.c.id == prediction_id)).first()
         if row is None or (owner is not None and row.owner not in (owner, None)):
@@ -158,11 +167,11 @@ class Store:
             query = query.where(or_(predictions.c.created_at < created,
                                     (predictions.c.created_at == created) & (predictions.c.id < pid)))
         query = query.order_by(predictions.c.created_at.desc(), predictions.c.id.desc()).limit(limit)
-        with self._tx() as conn:
+        with self._read() as conn:
             return [json.loads(doc) for doc in conn.execute(query).scalars()]
 
     def unfinished_predictions(self) -> list[dict]:
-        with self._tx() as conn:
+        with self._read() as conn:
             docs = conn.execute(select(predictions.c.doc).where(predictions.c.status.in_(UNFINISHED))).scalars()
             return [json.loads(doc) for doc in docs]
 
@@ -183,7 +192,7 @@ class Store:
             conn.execute(delete(replicas).where(replicas.c.id == self.replica_id))
 
     def live_replicas(self, lease_s: float) -> list[str]:
-        with self._tx() as conn:
+        with self._read() as conn:
             return list(conn.execute(select(replicas.c.id).where(replicas.c.heartbeat >= time.time() - lease_s)
                                      .order_by(replicas.c.id)).scalars())
 
@@ -220,7 +229,7 @@ class Store:
 
     def cancel_requests(self) -> list[str]:
         """Ids of this replica's unfinished predictions that another replica asked to cancel."""
-        with self._tx() as conn:
+        with self._read() as conn:
             return list(conn.execute(select(predictions.c.id).where(
                 predictions.c.replica == self.replica_id, predictions.c.cancel_requested,
                 predictions.c.status.in_(UNFINISHED))).scalars())
@@ -242,7 +251,7 @@ class Store:
 
     def get_session(self, session_id: str, owner: str | None) -> dict:
         """The session; NotFound if absent, Forbidden if another identity owns it."""
-        with self._tx() as conn:
+        with self._read() as conn:
             row = conn.execute(select(sessions).where(sessions.c.id == session_id)).mappings().first()
         if row is None:
             raise NotFound(f"Session {session_id} not found", param="session_id")
@@ -252,7 +261,7 @@ class Store:
                 "created_at": row["created_at"], "updated_at": row["updated_at"], **json.loads(row["doc"])}
 
     def find_session(self, session_id: str) -> dict | None:
-        with self._tx() as conn:
+        with self._read() as conn:
             found = conn.execute(select(sessions.c.id).where(sessions.c.id == session_id)).scalar()
         return {"id": found} if found is not None else None
 
@@ -270,12 +279,12 @@ class Store:
             query = query.where(or_(sessions.c.created_at < last["created_at"],
                                     (sessions.c.created_at == last["created_at"]) & (sessions.c.id < last["id"])))
         query = query.order_by(sessions.c.created_at.desc(), sessions.c.id.desc()).limit(limit)
-        with self._tx() as conn:
+        with self._read() as conn:
             ids = list(conn.execute(query).scalars())
         return [self.get_session(session_id, owner) for session_id in ids]
 
     def count_sessions(self, owner: str | None) -> int:
-        with self._tx() as conn:
+        with self._read() as conn:
             return conn.execute(select(func.count()).select_from(sessions)
                                 .where(sessions.c.owner.is_not_distinct_from(owner))).scalar_one()
 
@@ -311,7 +320,7 @@ class Store:
         return self.get_message(message_id)
 
     def get_message(self, message_id: str) -> dict:
-        with self._tx() as conn:
+        with self._read() as conn:
             row = conn.execute(select(messages).where(messages.c.id == message_id)).mappings().first()
         if row is None:
             raise NotFound(f"Message {message_id} not found")
@@ -339,7 +348,7 @@ class Store:
         if until:
             query = query.where(messages.c.created_at <= until)
         query = query.order_by(messages.c.seq.desc() if newest_first else messages.c.seq.asc())
-        with self._tx() as conn:
+        with self._read() as conn:
             return [self._message(row) for row in conn.execute(query).mappings()]
 
     def delete_messages(self, **filters: Any) -> int:
@@ -367,7 +376,7 @@ class Store:
             query = query.where(feedback.c.flow_id == flow_id)
         if chat_id is not None:
             query = query.where(feedback.c.chat_id == chat_id)
-        with self._tx() as conn:
+        with self._read() as conn:
             return [dict(row) for row in conn.execute(query.order_by(feedback.c.created_at)).mappings()]
 
     # ------------------------------------------------------------ responses (OpenAI Responses API)
@@ -384,7 +393,7 @@ class Store:
     def get_response(self, response_id: str, owner: str | None) -> dict:
         """The stored document; NotFound if absent or owned by another identity (a response's
         existence is not revealed to other keys)."""
-        with self._tx() as conn:
+        with self._read() as conn:
             row = conn.execute(select(responses.c.owner, responses.c.doc)
                                .where(responses.c.id == response_id)).first()
         if row is None or row.owner not in (owner, None):
