@@ -34,6 +34,7 @@ models:
         limits: {max_num_seqs: 8, kv_cache_bytes: 33554432, max_model_len: 512}
 """
 GREEDY = {"prompt": "Tell me a story", "temperature": 0, "max_new_tokens": 12}
+MEDIUM = {"prompt": "Tell me a story", "temperature": 0, "max_new_tokens": 160, "min_new_tokens": 160}
 # Long enough (forced length) that the test can act while it runs.
 LONG = {"prompt": "Tell me a story", "temperature": 0, "max_new_tokens": 480, "min_new_tokens": 480}
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -133,15 +134,19 @@ def test_health_reports_each_replica_over_the_shared_store(replicas):
 
 def test_a_prediction_created_on_one_replica_is_read_streamed_and_listed_on_the_other(replicas):
     a, b = replicas
-    created = a.sdk().models.predictions.create(model=MODEL, input=GREEDY)
+    created = a.sdk().models.predictions.create(model=MODEL, input=MEDIUM)
     seen = b.sdk().predictions.get(created.id)  # at once: the create answered after its record committed
     assert seen.id == created.id and seen.created_at == created.created_at
-    streamed = "".join(str(event) for event in b.sdk().predictions.get(created.id).stream())
+    assert seen.status in ("starting", "processing")  # so B streams it while A runs it
+    streamed = "".join(str(event) for event in seen.stream())
     done = poll(b.sdk(), created.id, lambda p: p.status in ENDED)
-    assert done.status == "succeeded" and streamed == "".join(done.output)
+    assert done.status == "succeeded" and done.metrics["output_token_count"] == 160
+    assert streamed == "".join(done.output)
     assert created.id in {p.id for p in b.sdk().predictions.list()}
     reference = b.sdk().models.predictions.create(model=MODEL, input=GREEDY, wait=True)
-    assert reference.output == done.output  # greedy: the same text whichever replica runs it
+    again = poll(b.sdk(), a.sdk().models.predictions.create(model=MODEL, input=GREEDY).id,
+                 lambda p: p.status in ENDED)
+    assert reference.output == again.output  # greedy: the same text whichever replica runs it
 
 
 def test_a_prediction_running_on_one_replica_is_canceled_through_the_other(replicas):
