@@ -5,11 +5,14 @@ replica A killed with SIGKILL mid-job leaves its prediction to B, which runs it 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,7 +70,7 @@ def start_replica(name: str, root: Path, database_url: str, shared_files: Path, 
     env = {**os.environ, "PYTHONPATH": str(REPO), "EMBER_HOME": str(home), "EMBER_MODELS": str(models),
            "EMBER_API_KEYS": API_KEY, "EMBER_DATABASE_URL": database_url, "EMBER_STORAGE_DIR": str(shared_files),
            "EMBER_REQUEUE_INTERRUPTED": "true", "EMBER_REPLICA_HEARTBEAT_S": "0.25",
-           "EMBER_REPLICA_LEASE_S": "2", "OMP_NUM_THREADS": "1"}
+           "EMBER_REPLICA_LEASE_S": "2", "EMBER_WEBHOOK_ALLOW_PRIVATE": "true", "OMP_NUM_THREADS": "1"}
     log = open(root / f"{name}.log", "w")
     process = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port),
                                 "--log-level", "warning"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
@@ -107,6 +110,27 @@ def replicas(postgres_server, demo_folders, tmp_path_factory):
                 replica.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 replica.process.kill()
+
+
+@pytest.fixture()
+def webhook_receiver():
+    """A local webhook target; yields (url, the JSON bodies it received)."""
+    received: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hook", received
+    server.shutdown()
 
 
 def poll(client: replicate.Client, prediction_id: str, until, limit_s: float = 60):
@@ -171,10 +195,12 @@ def test_a_file_uploaded_to_one_replica_is_served_by_the_other(replicas):
     assert httpx.get(f"{b.url}/v1/files/{file_id}/content").content == b"shared bytes"
 
 
-def test_a_replica_killed_mid_job_leaves_its_prediction_to_the_other(replicas):
+def test_a_replica_killed_mid_job_leaves_its_prediction_to_the_other(replicas, webhook_receiver):
     """Last in this module: replica A does not come back."""
     a, b = replicas
-    created = a.sdk().models.predictions.create(model=MODEL, input=LONG)
+    hook, received = webhook_receiver
+    created = a.sdk().models.predictions.create(model=MODEL, input=LONG, webhook=hook,
+                                                webhook_events_filter=["completed"])
     running = poll(b.sdk(), created.id, lambda p: p.status in ("processing", *ENDED))
     assert running.status == "processing"
     os.kill(a.process.pid, signal.SIGKILL)
@@ -187,3 +213,8 @@ def test_a_replica_killed_mid_job_leaves_its_prediction_to_the_other(replicas):
     assert final.metrics["output_token_count"] == 480  # re-run from the start on B: every token, once
     assert time.monotonic() - killed_at > 1.0  # adopted only once A's lease (2 s) ran out
     assert b.health().json()["replica"]["replicas"] == [b.health().json()["replica"]["id"]]
+    deadline = time.monotonic() + 10
+    while not received and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # room for a second delivery, which must not come
+    assert [(body["id"], body["status"]) for body in received] == [(created.id, "succeeded")]
