@@ -21,10 +21,11 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from sqlalchemy import Connection, create_engine, delete, event, func, or_, select, update
 from sqlalchemy.dialects import postgresql as pg_dialect
@@ -299,7 +300,7 @@ class Store:
             conn.execute(delete(sessions).where(sessions.c.id == session_id))
 
     def expire_sessions(self, ttl_hours: float) -> int:
-        cutoff = (datetime.now(timezone.utc) - timedelta(hours=ttl_hours)).isoformat().replace("+00:00", "Z")
+        cutoff = (datetime.now(UTC) - timedelta(hours=ttl_hours)).isoformat().replace("+00:00", "Z")
         with self._tx() as conn:
             old = list(conn.execute(select(sessions.c.id).where(sessions.c.updated_at < cutoff)).scalars())
             if old:

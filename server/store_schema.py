@@ -12,7 +12,7 @@ advisory lock (DDL is transactional there), so a second replica waits, then find
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from sqlalchemy import (Boolean, Column, Connection, Double, Index, Integer, MetaData, Table, false, inspect,
                         select, text)
@@ -21,7 +21,6 @@ from sqlalchemy.types import TypeDecorator
 
 SCHEMA_VERSION = 2
 MIGRATION_LOCK_KEY = 0x656D626572  # "ember": the advisory lock that serialises migrations on PostgreSQL
-
 
 
 class Text(TypeDecorator):

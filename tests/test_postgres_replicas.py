@@ -12,8 +12,8 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -143,7 +143,7 @@ def poll(client: replicate.Client, prediction_id: str, until, limit_s: float = 6
 
 
 def test_health_reports_each_replica_over_the_shared_store(replicas):
-    a, b = replicas
+    a, _ = replicas
     ids = set()
     for replica in replicas:
         body = replica.health().json()
