@@ -119,7 +119,8 @@ class RecordWriter:
             except Exception:  # noqa: BLE001 - a failed write must not stop later ones
                 logger.exception("could not save %d prediction records", len(docs))
             for waiter in waiters:
-                waiter.set_result(None)
+                if waiter.set_running_or_notify_cancel():  # False: its waiter went away (a request canceled)
+                    waiter.set_result(None)
 
     def close(self) -> None:
         """Write what is pending, then stop."""
