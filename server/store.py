@@ -171,11 +171,6 @@ class Store:
         with self._read() as conn:
             return [json.loads(doc) for doc in conn.execute(query).scalars()]
 
-    def unfinished_predictions(self) -> list[dict]:
-        with self._read() as conn:
-            docs = conn.execute(select(predictions.c.doc).where(predictions.c.status.in_(UNFINISHED))).scalars()
-            return [json.loads(doc) for doc in docs]
-
     # ------------------------------------------------------------ replicas
 
     def heartbeat(self) -> None:

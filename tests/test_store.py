@@ -53,7 +53,6 @@ def test_predictions_are_saved_updated_scoped_and_paged(store):
     assert [d["id"] for d in store.list_predictions("alice", None, 10)] == ["p2", "p1"]
     assert [d["id"] for d in store.list_predictions(None, None, 2)] == ["p3", "p2"]
     assert [d["id"] for d in store.list_predictions(None, "2026-01-02T00:00:00Z|p2", 10)] == ["p1"]
-    assert sorted(d["id"] for d in store.unfinished_predictions()) == ["p1", "p3"]
 
 
 def test_sessions_quota_ownership_paging_and_expiry(store):
