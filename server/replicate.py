@@ -158,15 +158,16 @@ def render(request: Request, item: Job | dict) -> dict:
     return public({**item, "urls": prediction_urls(item["id"], base)})
 
 
-def find(request: Request, prediction_id: str, identity: str) -> Job | dict:
+async def find(request: Request, prediction_id: str, identity: str) -> Job | dict:
     """The live job if this replica's engine holds it, else the stored record (owner-scoped):
-    a finished prediction, or one another replica runs."""
+    a finished prediction, or one another replica runs. The store is read off the event loop
+    (a PostgreSQL store is a network round trip away)."""
     job = request.app.state.engine.jobs.get(prediction_id)
     if job is not None:
         if job.owner not in (identity, None):
             raise NotFound(f"Prediction {prediction_id} not found")
         return job
-    return request.app.state.store.get_prediction(prediction_id, identity)
+    return await asyncio.to_thread(request.app.state.store.get_prediction, prediction_id, identity)
 
 
 def sse_items(event: Event) -> list[dict]:
@@ -294,7 +295,7 @@ def _decode_cursor(cursor: str) -> str:
 async def list_predictions(request: Request, cursor: str | None = None,
                            identity: str = Depends(require_identity)) -> dict:
     before = _decode_cursor(cursor) if cursor else None
-    docs = request.app.state.store.list_predictions(identity, before, PAGE_SIZE + 1)
+    docs = await asyncio.to_thread(request.app.state.store.list_predictions, identity, before, PAGE_SIZE + 1)
     page, more = docs[:PAGE_SIZE], len(docs) > PAGE_SIZE
     live = request.app.state.engine.jobs
     results = [render(request, live.get(doc["id"]) or doc) for doc in page]
@@ -304,12 +305,12 @@ async def list_predictions(request: Request, cursor: str | None = None,
 
 @router.get("/v1/predictions/{prediction_id}")
 async def get_prediction(prediction_id: str, request: Request, identity: str = Depends(require_identity)) -> dict:
-    return render(request, find(request, prediction_id, identity))
+    return render(request, await find(request, prediction_id, identity))
 
 
 @router.post("/v1/predictions/{prediction_id}/cancel")
 async def cancel_prediction(prediction_id: str, request: Request, identity: str = Depends(require_identity)) -> dict:
-    item = find(request, prediction_id, identity)
+    item = await find(request, prediction_id, identity)
     if isinstance(item, Job) and not item.done:
         request.app.state.engine.cancel(item.id)
         await item.wait(CANCEL_WAIT_S)
@@ -334,7 +335,7 @@ async def cancel_elsewhere(store: Store, doc: dict) -> dict:
 @router.get("/v1/predictions/{prediction_id}/stream")
 async def stream_prediction(prediction_id: str, request: Request,
                             identity: str = Depends(require_identity)) -> EventSourceResponse:
-    return event_stream(request, find(request, prediction_id, identity))
+    return event_stream(request, await find(request, prediction_id, identity))
 
 
 # ---------------------------------------------------------------- the seed's run / run_sse
