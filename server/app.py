@@ -20,7 +20,7 @@ from server.guard import Limits, RequestGuard
 from server.openapi_docs import error_responses
 from server.jobs import JobService
 from server.settings import Settings
-from server.store import Store, database_url, redacted
+from server.store import Store, StoreUnavailable, database_url, redacted
 
 log = logging.getLogger("ember.server")
 
@@ -50,8 +50,9 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
             file_url=lambda file_id: f"{base}/v1/files/{file_id}/content"))
         try:
             store = await asyncio.to_thread(Store, settings.database, settings.max_sessions_per_key)
-        except SQLAlchemyError as exc:
-            raise RuntimeError(f"cannot open the store {redacted(database_url(settings.database))}: {exc}") from None
+        except (SQLAlchemyError, StoreUnavailable) as exc:
+            reason = exc.__cause__ or exc
+            raise RuntimeError(f"cannot open the store {redacted(database_url(settings.database))}: {reason}") from None
         app.state.settings = settings
         app.state.engine = engine
         app.state.files = files

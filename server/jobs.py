@@ -69,7 +69,8 @@ def prediction_doc(job: Job, base_url: str) -> dict:
 
 class RecordWriter:
     """Writes prediction records on its own thread; a newer record of a job replaces one that is
-    still waiting. `put` returns a future done once that record is committed."""
+    still waiting. `put` returns a future done once that record is committed (or failing with
+    the write's error)."""
 
     def __init__(self, store: Store):
         self.store = store
@@ -113,14 +114,20 @@ class RecordWriter:
                     return
                 docs, self._pending = list(self._pending.values()), {}
                 waiters, self._waiters = self._waiters, []
+            failure = None
             try:
                 if docs:
                     self.store.save_predictions(docs)
-            except Exception:  # noqa: BLE001 - a failed write must not stop later ones
+            except Exception as exc:  # noqa: BLE001 - a failed write must not stop later ones
                 logger.exception("could not save %d prediction records", len(docs))
+                failure = exc
             for waiter in waiters:
-                if waiter.set_running_or_notify_cancel():  # False: its waiter went away (a request canceled)
+                if not waiter.set_running_or_notify_cancel():  # its waiter went away (a request canceled)
+                    continue
+                if failure is None:
                     waiter.set_result(None)
+                else:
+                    waiter.set_exception(failure)
 
     def close(self) -> None:
         """Write what is pending, then stop."""
@@ -177,7 +184,8 @@ class JobService:
 
     async def committed(self) -> None:
         """Returns once every record put so far is committed (a prediction answered to its creator
-        is then in the store: readable through every replica, and adopted after a crash)."""
+        is then in the store: readable through every replica, and adopted after a crash); raises
+        the write's error when that failed."""
         await asyncio.wrap_future(self.writer.flush())
 
     def adopt_orphans(self, requeue: bool, lease_s: float, alone: bool = False) -> list[dict]:

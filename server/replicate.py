@@ -260,7 +260,11 @@ async def create_prediction(request: Request, ref: str, body: ModelPredictionBod
     doc = render(request, job)
     if wait is not None and not job.done:
         doc["status"] = "starting"  # the client treats anything but `starting` as final here
-    await request.app.state.jobs.committed()
+    try:
+        await request.app.state.jobs.committed()
+    except Exception:
+        request.app.state.engine.cancel(job.id)  # not accepted: nothing would find or re-run it
+        raise
     return JSONResponse(doc, status_code=201, headers=headers)
 
 

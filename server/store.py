@@ -17,6 +17,7 @@ another replica's prediction is a flag that replica picks up (`request_cancel`, 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -31,14 +32,25 @@ from sqlalchemy import Connection, create_engine, delete, event, func, or_, sele
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.pool import StaticPool
 
-from engine.errors import Forbidden, NotFound, QuotaExceeded
+from engine.errors import EmberError, Forbidden, NotFound, QuotaExceeded
 from engine.jobs import new_id, utcnow
 from server.store_schema import feedback, messages, migrate, predictions, replicas, responses, sessions
 
+log = logging.getLogger("ember.store")
+
 UNFINISHED = ("starting", "processing")
 READ_ONLY = "ember_read_only"  # execution option: a SQLite connection that only reads begins no transaction
+
+
+class StoreUnavailable(EmberError):
+    """The database cannot be reached (a PostgreSQL server down, a network partition): each
+    dialect answers 503, and the replica's /health says so."""
+
+    status = 503
+    code = "store_unavailable"
 
 
 def database_url(location: Path | str) -> str:
@@ -88,6 +100,17 @@ def _postgres_engine(url: str):
                          connect_args={"connect_timeout": 5})
 
 
+@contextmanager
+def _unavailable_as_503() -> Iterator[None]:
+    """Lost, refused or timed-out connections (and SQLite's lock waits that ran out) become
+    StoreUnavailable; other database errors stay what they are (bugs)."""
+    try:
+        yield
+    except (OperationalError, InterfaceError) as exc:
+        log.warning("store unavailable: %s", exc.orig or exc)
+        raise StoreUnavailable("the store (database) is unavailable; try again shortly") from exc
+
+
 class Store:
     def __init__(self, location: Path | str, max_sessions_per_owner: int | None = None,
                  replica_id: str | None = None):
@@ -103,13 +126,13 @@ class Store:
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
         """A connection in a transaction, committed at the end of the block (rolled back on error)."""
-        with self.lock, self.engine.begin() as conn:
+        with self.lock, _unavailable_as_503(), self.engine.begin() as conn:
             yield conn
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
         """A connection for one query that only reads."""
-        with self.lock, self.engine.connect() as conn:
+        with self.lock, _unavailable_as_503(), self.engine.connect() as conn:
             yield conn.execution_options(**{READ_ONLY: True})
 
     def _insert(self, table):

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import inspect, select
 
 from engine.errors import Forbidden, NotFound, QuotaExceeded
-from server.store import Store, database_url
+from server.store import Store, StoreUnavailable, database_url
 from server.store_schema import SCHEMA_VERSION, predictions, schema_version
 
 
@@ -253,3 +253,42 @@ def test_nul_characters_are_stored_and_looked_up_on_every_backend(store):
     assert row["content"] in ("a\x00b", "a\ufffdb")  # PostgreSQL text cannot hold NUL
     with pytest.raises(NotFound):
         store.get_prediction("nope\x00", None)
+
+
+def test_an_unreachable_database_is_store_unavailable():
+    pytest.importorskip("psycopg")
+    from tests.conftest import free_port
+
+    with pytest.raises(StoreUnavailable):
+        Store(f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere")
+
+
+def test_a_replica_whose_store_fails_says_so_and_accepts_nothing(tmp_path, demo_folders, models_file, monkeypatch):
+    """/health turns 503 for load balancers; a create whose record cannot be committed is
+    answered 503 (in the dialect's shape) and its job canceled, not left running unrecorded."""
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from tests.conftest import API_KEY, make_settings
+
+    (tmp_path / "demo").mkdir()
+    for name, folder in demo_folders.items():
+        (tmp_path / "demo" / name).symlink_to(folder, target_is_directory=True)
+    app = create_app(make_settings(tmp_path, models_file))
+    with TestClient(app, headers={"Authorization": f"Bearer {API_KEY}"}) as client:
+        assert client.get("/health").json()["replica"]["store"]["reachable"] is True
+
+        def down(*args, **kwargs):
+            raise StoreUnavailable("the store (database) is unavailable; try again shortly")
+
+        monkeypatch.setattr(app.state.store, "ping", down)
+        monkeypatch.setattr(app.state.store, "save_predictions", down)
+        monkeypatch.setattr(app.state.store, "get_prediction", down)
+        anonymous = client.get("/health", headers={"Authorization": ""})
+        assert anonymous.status_code == 503 and anonymous.json() == {"status": "unavailable"}
+        detail = client.get("/health").json()["replica"]["store"]
+        assert detail["reachable"] is False and "StoreUnavailable" in detail["error"]
+        created = client.post("/v1/models/ember/tiny-chat/predictions", json={"input": {"prompt": "hi"}})
+        assert created.status_code == 503 and created.json()["status"] == 503
+        assert all(job.done or job.cancel_requested for job in app.state.engine.jobs.values())
+        assert client.get("/v1/predictions/whatever").status_code == 503
