@@ -135,7 +135,7 @@ async def _sweep(store: Store, files: FileStore, settings: Settings) -> None:
     """Delete idle sessions and expired files, forever."""
     while True:
         try:
-            store.expire_sessions(settings.session_ttl_hours)
+            await asyncio.to_thread(store.expire_sessions, settings.session_ttl_hours)
             await asyncio.to_thread(files.delete_expired)
         except Exception:  # noqa: BLE001 - the sweep must never stop the server
             log.exception("sweep of sessions and files failed")
