@@ -102,8 +102,9 @@ def _postgres_engine(url: str):
 
 @contextmanager
 def _unavailable_as_503() -> Iterator[None]:
-    """Lost, refused or timed-out connections (and SQLite's lock waits that ran out) become
-    StoreUnavailable; other database errors stay what they are (bugs)."""
+    """The driver's operational and interface errors become StoreUnavailable: on PostgreSQL lost,
+    refused or timed-out connections; on SQLite a lock wait that ran out or a file that cannot be
+    opened (and its other operational errors). Integrity and programming errors stay bugs."""
     try:
         yield
     except (OperationalError, InterfaceError) as exc:
