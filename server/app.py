@@ -8,16 +8,19 @@ from contextlib import asynccontextmanager
 from typing import Callable
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 
 from engine.engine import Engine, EngineOptions, demo_registry
 from engine.files import FileStore
-from server import embeddings, errors, flowise, metrics, models_api, openai, playground, replicate, responses
+from server import (embeddings, errors, flowise, metrics, models_api, openai, playground, replicas, replicate,
+                    responses)
 from server.auth import Authenticator, JWTPolicy, is_authorized, require_identity
 from server.guard import Limits, RequestGuard
 from server.openapi_docs import error_responses
 from server.jobs import JobService
 from server.settings import Settings
-from server.store import Store
+from server.store import Store, StoreUnavailable, database_url, redacted
 
 log = logging.getLogger("ember.server")
 
@@ -45,7 +48,11 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
             max_running_jobs=settings.max_queue,
             memory_budgets=settings.memory_budget_bytes(),
             file_url=lambda file_id: f"{base}/v1/files/{file_id}/content"))
-        store = Store(settings.db_path, max_sessions_per_owner=settings.max_sessions_per_key)
+        try:
+            store = await asyncio.to_thread(Store, settings.database, settings.max_sessions_per_key)
+        except (SQLAlchemyError, StoreUnavailable) as exc:
+            reason = exc.__cause__ or exc
+            raise RuntimeError(f"cannot open the store {redacted(database_url(settings.database))}: {reason}") from None
         app.state.settings = settings
         app.state.engine = engine
         app.state.files = files
@@ -54,19 +61,30 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
                                        JWTPolicy(settings.jwt_max_lifetime_s, settings.jwt_audience,
                                                  settings.jwt_issuer))
         app.state.jobs = JobService(engine, store, app.state.metrics, base)
-        app.state.requeue = app.state.jobs.mark_interrupted(settings.requeue_interrupted)
+        app.state.replica = replicas.new_state(store)
+        store.heartbeat()
+        # A SQLite store has one server (the state folder's lock): what it left unfinished was
+        # interrupted. On a shared store only the predictions of replicas gone silent are.
+        app.state.requeue = app.state.jobs.adopt_orphans(settings.requeue_interrupted, settings.replica_lease_s,
+                                                         alone=store.backend == "sqlite")
         for hook in app.state.startup_hooks:
             await hook(app)
         await engine.start()
-        sweeper = asyncio.create_task(_sweep(store, files, settings))
+        background = [asyncio.create_task(_sweep(store, files, settings)),
+                      asyncio.create_task(replicas.keep_alive(app))]
         try:
             yield
         finally:
-            sweeper.cancel()
+            app.state.replica.stopping = True
+            for task in background:
+                task.cancel()
             app.state.jobs.stop_recording_ends()
             await engine.close()
             app.state.jobs.close()
-            store.close()
+            try:
+                store.leave()
+            finally:
+                store.close()
 
     app = FastAPI(title="ember", version=_version(), lifespan=lifespan,
                   description="Versioned models on GPUs behind the Replicate, OpenAI and Flowise APIs.")
@@ -79,16 +97,21 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     metrics.install(app, app.state.metrics)
 
     @app.get("/health", tags=["health"])
-    async def health(request: Request) -> dict:
-        """Liveness for everyone; the models, their versions and load errors only for callers
-        with a key when the server has keys."""
+    async def health(request: Request) -> JSONResponse:
+        """Whether this replica serves, for everyone (and load balancers): 200 `ok`, or 503
+        `unavailable` while its store cannot be reached or it is stopping. Callers with a key
+        (when the server has keys) also get the replica's state (store backend, heartbeat, the
+        live replicas) and the models, their versions and load errors."""
+        serving, replica = await replicas.health(request.app)
+        status, code = ("ok", 200) if serving else ("unavailable", 503)
         if not is_authorized(request):
-            return {"status": "ok"}
+            return JSONResponse({"status": status}, status_code=code)
         engine: Engine = request.app.state.engine
         models = [models_api.lifecycle(engine.pool, version) for version in engine.registry.versions()]
         budgets = engine.pool.budgets
         used = {device: engine.pool.used(device) for device in budgets}
-        return {"status": "ok", "models": models, "memory": {"budgets": budgets, "used": used}}
+        return JSONResponse({"status": status, "replica": replica, "models": models,
+                             "memory": {"budgets": budgets, "used": used}}, status_code=code)
 
     @app.get("/v1/whoami", tags=["health"])
     async def whoami(identity: str = Depends(require_identity)) -> dict:
@@ -112,7 +135,7 @@ async def _sweep(store: Store, files: FileStore, settings: Settings) -> None:
     """Delete idle sessions and expired files, forever."""
     while True:
         try:
-            store.expire_sessions(settings.session_ttl_hours)
+            await asyncio.to_thread(store.expire_sessions, settings.session_ttl_hours)
             await asyncio.to_thread(files.delete_expired)
         except Exception:  # noqa: BLE001 - the sweep must never stop the server
             log.exception("sweep of sessions and files failed")

@@ -12,6 +12,7 @@ and serialised on the writer thread.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import logging
 import threading
@@ -68,7 +69,8 @@ def prediction_doc(job: Job, base_url: str) -> dict:
 
 class RecordWriter:
     """Writes prediction records on its own thread; a newer record of a job replaces one that is
-    still waiting. `put` returns a future done once that record is committed."""
+    still waiting. `put` returns a future done once that record is committed (or failing with
+    the write's error)."""
 
     def __init__(self, store: Store):
         self.store = store
@@ -91,21 +93,41 @@ class RecordWriter:
             self._cond.notify()
         return done
 
+    def flush(self) -> concurrent.futures.Future:
+        """A future done once every record put before is committed (at once after close, which
+        writes what is pending itself)."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._closing:
+                done.set_result(None)
+                return done
+            self._waiters.append(done)
+            self._cond.notify()
+        return done
+
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._pending and not self._closing:
+                while not self._pending and not self._waiters and not self._closing:
                     self._cond.wait()
-                if not self._pending:
+                if not self._pending and not self._waiters:
                     return
                 docs, self._pending = list(self._pending.values()), {}
                 waiters, self._waiters = self._waiters, []
+            failure = None
             try:
-                self.store.save_predictions(docs)
-            except Exception:  # noqa: BLE001 - a failed write must not stop later ones
+                if docs:
+                    self.store.save_predictions(docs)
+            except Exception as exc:  # noqa: BLE001 - a failed write must not stop later ones
                 logger.exception("could not save %d prediction records", len(docs))
+                failure = exc
             for waiter in waiters:
-                waiter.set_result(None)
+                if not waiter.set_running_or_notify_cancel():  # its waiter went away (a request canceled)
+                    continue
+                if failure is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(failure)
 
     def close(self) -> None:
         """Write what is pending, then stop."""
@@ -160,18 +182,30 @@ class JobService:
         self.record(job)  # queued behind any record of this job already waiting: order is kept
         return job
 
-    def mark_interrupted(self, requeue: bool = False) -> list[dict]:
-        """After a restart: predictions left unfinished are failed as interrupted (returned when
-        the caller wants to re-run them instead)."""
-        unfinished = self.store.unfinished_predictions()
-        if requeue:
-            return unfinished
-        for doc in unfinished:
-            self.fail_interrupted(doc)
-        return []
+    async def committed(self) -> None:
+        """Returns once every record put so far is committed (a prediction answered to its creator
+        is then in the store: readable through every replica, and adopted after a crash); raises
+        the write's error when that failed."""
+        await asyncio.wrap_future(self.writer.flush())
+
+    def adopt_orphans(self, requeue: bool, lease_s: float, alone: bool = False) -> list[dict]:
+        """Claim the predictions no live replica runs (Store.adopt_orphans): after a restart, those
+        this server left; on a shared store, also those of a replica that died. Ones whose cancel
+        was asked are canceled; the rest are failed as interrupted, or returned to be re-run when
+        `requeue`."""
+        rerun = []
+        for doc in self.store.adopt_orphans(lease_s, alone=alone):
+            if doc.pop("_cancel_requested"):
+                self.end_adopted(doc, "canceled", None)
+            elif requeue:
+                rerun.append(doc)
+            else:
+                self.fail_interrupted(doc)
+        return rerun
 
     def fail_interrupted(self, doc: dict) -> None:
-        doc.update(status="failed", error="interrupted: the server stopped before this prediction finished",
-                   completed_at=doc.get("completed_at") or utcnow())
-        self.store.save_prediction(doc)
+        self.end_adopted(doc, "failed", "interrupted: the server stopped before this prediction finished")
 
+    def end_adopted(self, doc: dict, status: str, error: str | None) -> None:
+        doc.update(status=status, error=error, completed_at=doc.get("completed_at") or utcnow())
+        self.store.save_prediction(doc)

@@ -129,6 +129,7 @@ def build_app(settings: Settings, cluster_gpus: float = 0):
     """The Serve application: one ModelWorker deployment per available version, one Ingress."""
     from engine.engine import demo_registry
 
+    check_ingress_replicas(settings)
     registry = demo_registry(settings.home, settings.models)
     base = public_base(settings)
     workers = {}
@@ -138,8 +139,19 @@ def build_app(settings: Settings, cluster_gpus: float = 0):
                 version, settings.files_dir, base, settings.allow_http_inputs, settings.allow_private_urls)
     # The ingress waits on HTTP and handles, not on compute: it asks for no CPU so GPU nodes' CPUs
     # stay with the model replicas.
-    return Ingress.options(max_ongoing_requests=settings.max_queue,
+    return Ingress.options(num_replicas=settings.ingress_replicas, max_ongoing_requests=settings.max_queue,
                            ray_actor_options={"num_cpus": 0}).bind(settings, workers)
+
+
+def check_ingress_replicas(settings: Settings) -> None:
+    """Several ingress replicas share the store, so it must be PostgreSQL: a SQLite file belongs to
+    one server, which fails whatever another left unfinished as interrupted when it starts."""
+    if settings.ingress_replicas < 1:
+        raise ValueError("EMBER_INGRESS_REPLICAS must be at least 1")
+    if settings.ingress_replicas > 1 and not str(settings.database).startswith(("postgres://", "postgresql")):
+        raise ValueError(f"EMBER_INGRESS_REPLICAS={settings.ingress_replicas} needs a shared PostgreSQL store: "
+                         "set EMBER_DATABASE_URL=postgresql://... (and EMBER_STORAGE_DIR to a folder every "
+                         "node sees)")
 
 
 def app_from_env(args: dict | None = None):

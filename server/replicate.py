@@ -33,6 +33,7 @@ from server import files_api
 from server.sse import event_source
 from server.auth import require_identity
 from server.jobs import prediction_doc, prediction_urls, request_base_url
+from server.store import UNFINISHED, Store
 from server.webhooks import EVENTS, WebhookSender, check_target
 
 log = logging.getLogger("ember.replicate")
@@ -42,6 +43,7 @@ router.include_router(files_api.router)
 
 WAIT_MAX_S = 60
 CANCEL_WAIT_S = 2.0
+FOLLOW_POLL_S = 0.2  # how often a record another replica writes is re-read (stream, cancel)
 PING_S = 10
 PAGE_SIZE = 100
 
@@ -156,14 +158,16 @@ def render(request: Request, item: Job | dict) -> dict:
     return public({**item, "urls": prediction_urls(item["id"], base)})
 
 
-def find(request: Request, prediction_id: str, identity: str) -> Job | dict:
-    """The live job if the engine still holds it, else the stored record (owner-scoped)."""
+async def find(request: Request, prediction_id: str, identity: str) -> Job | dict:
+    """The live job if this replica's engine holds it, else the stored record (owner-scoped):
+    a finished prediction, or one another replica runs. The store is read off the event loop
+    (a PostgreSQL store is a network round trip away)."""
     job = request.app.state.engine.jobs.get(prediction_id)
     if job is not None:
         if job.owner not in (identity, None):
             raise NotFound(f"Prediction {prediction_id} not found")
         return job
-    return request.app.state.store.get_prediction(prediction_id, identity)
+    return await asyncio.to_thread(request.app.state.store.get_prediction, prediction_id, identity)
 
 
 def sse_items(event: Event) -> list[dict]:
@@ -185,22 +189,36 @@ def sse_items(event: Event) -> list[dict]:
     return items
 
 
-def stored_events(doc: dict) -> list[Event]:
-    """The events of a prediction that is only in the store: its logs, its output, its end."""
-    output = doc.get("output")
-    chunks = output if isinstance(output, list) else ([] if output is None else [output])
-    events = [Event(0, "logs", line) for line in (doc.get("logs") or "").splitlines()]
-    events += [Event(0, "output", chunk if isinstance(chunk, str) else json.dumps(chunk)) for chunk in chunks]
-    if doc.get("status") in ("succeeded", "failed", "canceled"):
-        events.append(Event(0, "done", {"status": doc["status"], "error": doc.get("error")}))
-    for index, event in enumerate(events):
-        event.id = index
-    return events
+async def followed_record(store: Store, doc: dict) -> AsyncIterator[Event]:
+    """The events of a prediction only in the store, as they come: a running one (on another
+    replica) is re-read every FOLLOW_POLL_S until it ends. A log line is sent once complete; output
+    chunks as they are recorded (a record grows at most every SAVE_INTERVAL_S)."""
+    sent_lines = sent_chunks = 0
+    next_id = 0
+    while True:
+        ended = doc.get("status") not in UNFINISHED
+        lines = (doc.get("logs") or "").splitlines(keepends=True)
+        if not ended and lines and not lines[-1].endswith("\n"):
+            lines.pop()
+        output = doc.get("output")
+        chunks = output if isinstance(output, list) else ([] if output is None else [output])
+        fresh = [("logs", line.rstrip("\n")) for line in lines[sent_lines:]]
+        fresh += [("output", c if isinstance(c, str) else json.dumps(c)) for c in chunks[sent_chunks:]]
+        if ended:
+            fresh.append(("done", {"status": doc["status"], "error": doc.get("error")}))
+        sent_lines, sent_chunks = len(lines), len(chunks)
+        for kind, data in fresh:
+            yield Event(next_id, kind, data)
+            next_id += 1
+        if ended:
+            return
+        await asyncio.sleep(FOLLOW_POLL_S)
+        doc = await asyncio.to_thread(store.get_prediction, doc["id"], None)
 
 
 async def sse_stream(request: Request, item: Job | dict, cancel_on_disconnect: bool) -> AsyncIterator[dict]:
     if not isinstance(item, Job):
-        for event in stored_events(item):
+        async for event in followed_record(request.app.state.store, item):
             for sse in sse_items(event):
                 yield sse
         return
@@ -242,6 +260,11 @@ async def create_prediction(request: Request, ref: str, body: ModelPredictionBod
     doc = render(request, job)
     if wait is not None and not job.done:
         doc["status"] = "starting"  # the client treats anything but `starting` as final here
+    try:
+        await request.app.state.jobs.committed()
+    except Exception:
+        request.app.state.engine.cancel(job.id)  # not accepted: nothing would find or re-run it
+        raise
     return JSONResponse(doc, status_code=201, headers=headers)
 
 
@@ -276,7 +299,7 @@ def _decode_cursor(cursor: str) -> str:
 async def list_predictions(request: Request, cursor: str | None = None,
                            identity: str = Depends(require_identity)) -> dict:
     before = _decode_cursor(cursor) if cursor else None
-    docs = request.app.state.store.list_predictions(identity, before, PAGE_SIZE + 1)
+    docs = await asyncio.to_thread(request.app.state.store.list_predictions, identity, before, PAGE_SIZE + 1)
     page, more = docs[:PAGE_SIZE], len(docs) > PAGE_SIZE
     live = request.app.state.engine.jobs
     results = [render(request, live.get(doc["id"]) or doc) for doc in page]
@@ -286,22 +309,37 @@ async def list_predictions(request: Request, cursor: str | None = None,
 
 @router.get("/v1/predictions/{prediction_id}")
 async def get_prediction(prediction_id: str, request: Request, identity: str = Depends(require_identity)) -> dict:
-    return render(request, find(request, prediction_id, identity))
+    return render(request, await find(request, prediction_id, identity))
 
 
 @router.post("/v1/predictions/{prediction_id}/cancel")
 async def cancel_prediction(prediction_id: str, request: Request, identity: str = Depends(require_identity)) -> dict:
-    item = find(request, prediction_id, identity)
+    item = await find(request, prediction_id, identity)
     if isinstance(item, Job) and not item.done:
         request.app.state.engine.cancel(item.id)
         await item.wait(CANCEL_WAIT_S)
+    elif isinstance(item, dict) and item["status"] in UNFINISHED:
+        item = await cancel_elsewhere(request.app.state.store, item)
     return render(request, item)
+
+
+async def cancel_elsewhere(store: Store, doc: dict) -> dict:
+    """Cancel a prediction another replica runs: flag it in the store (that replica cancels it
+    within a heartbeat; if it has died, the replica adopting it does), then wait up to
+    CANCEL_WAIT_S for the record to say so. Returns the newest record."""
+    if not await asyncio.to_thread(store.request_cancel, doc["id"]):
+        return await asyncio.to_thread(store.get_prediction, doc["id"], None)
+    deadline = asyncio.get_running_loop().time() + CANCEL_WAIT_S
+    while doc["status"] in UNFINISHED and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(FOLLOW_POLL_S)
+        doc = await asyncio.to_thread(store.get_prediction, doc["id"], None)
+    return doc
 
 
 @router.get("/v1/predictions/{prediction_id}/stream")
 async def stream_prediction(prediction_id: str, request: Request,
                             identity: str = Depends(require_identity)) -> EventSourceResponse:
-    return event_stream(request, find(request, prediction_id, identity))
+    return event_stream(request, await find(request, prediction_id, identity))
 
 
 # ---------------------------------------------------------------- the seed's run / run_sse
@@ -343,14 +381,21 @@ async def run_sse(body: RunBody, request: Request, identity: str = Depends(requi
 
 async def on_startup(app) -> None:
     """Deliver webhooks for every job, and re-run the predictions a restart interrupted (when
-    configured; app.state.requeue holds them). Jobs of other dialects have no one left waiting
-    for them, so they stay failed as interrupted."""
+    configured; app.state.requeue holds them)."""
     jobs = app.state.jobs
     sender = WebhookSender(lambda job: public(prediction_doc(job, jobs.base_url)), app.state.settings.webhook_secret,
                            app.state.settings.webhooks_may_reach_private, asyncio.get_running_loop())
     app.state.webhooks = sender
     jobs.hooks.append(sender.on_change)
-    for doc in app.state.requeue:
+    await resubmit(app, app.state.requeue)
+
+
+async def resubmit(app, docs: list[dict]) -> None:
+    """Run again the adopted predictions of a restart or of a replica that died (their records
+    keep id and creation time). Jobs of other dialects have no one left waiting for them, so they
+    are failed as interrupted."""
+    jobs = app.state.jobs
+    for doc in docs:
         if doc["id"] in app.state.engine.jobs:
             continue
         if doc.get("source") != "replicate":

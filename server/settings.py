@@ -46,7 +46,14 @@ class Settings(BaseSettings):
     session_ttl_hours: float = 24 * 7
     webhook_secret: str | None = None  # Standard-Webhooks signing secret ("whsec_<base64>")
     webhook_allow_private: bool = False  # allow webhooks (only) to loopback/private addresses
-    requeue_interrupted: bool = False  # re-run predictions interrupted by a restart
+    requeue_interrupted: bool = False  # re-run predictions interrupted by a restart or a replica's death
+    # The store: a SQLite file in `home` by default; `postgresql://user:pass@host/db` lets several
+    # server replicas share one (see README "Scaling out").
+    database_url: str | None = None
+    storage_dir: Path | None = None  # uploaded and produced files; a folder every replica sees. Default: home/files
+    replica_heartbeat_s: float = 2.0  # how often a replica heartbeats, picks up cancels and adopts orphans
+    replica_lease_s: float = 15.0  # a replica silent this long is gone: another adopts its predictions
+    ingress_replicas: int = 1  # `ember serve --ray`: replicas of the HTTP ingress (more than 1 needs PostgreSQL)
     max_queue: int = 1024
     memory_budgets: str | None = None  # per-device GiB, e.g. "cpu=16,cuda:0=70"; default 90% of GPUs, half of RAM
     log_level: str = "info"
@@ -82,8 +89,13 @@ class Settings(BaseSettings):
         return self.home / "ember.db"
 
     @property
+    def database(self) -> Path | str:
+        """Where the store lives: the configured database URL, else the SQLite file in home."""
+        return self.database_url or self.db_path
+
+    @property
     def files_dir(self) -> Path:
-        return self.home / "files"
+        return self.storage_dir or self.home / "files"
 
     @property
     def webhooks_may_reach_private(self) -> bool:

@@ -19,7 +19,7 @@ if "TRITON_INTERPRET" not in os.environ:
     if not torch.cuda.is_available():  # Triton kernels then run on CPU tensors through its interpreter;
         os.environ["TRITON_INTERPRET"] = "1"  # it must be set before anything imports triton
 
-pytest_plugins = ["tests.llm_fixtures", "tests.video_fixtures"]
+pytest_plugins = ["tests.llm_fixtures", "tests.video_fixtures", "tests.pg_fixtures"]
 
 API_KEY = "sk-test-key-one"
 OTHER_KEY = "sk-test-key-two"

@@ -62,3 +62,20 @@ def test_openai_jobs_are_recorded_at_state_changes_only(tmp_path, monkeypatch):
     assert written["replicate"] == ["processing"] * 3
     service.close()
     store.close()
+
+
+def test_a_flush_whose_waiter_went_away_does_not_stop_the_writer(tmp_path):
+    """A request canceled while it waits for its record (the client hung up) cancels its future;
+    the writer skips it and keeps writing."""
+    store = CountingStore(tmp_path / "db.sqlite")
+    writer = RecordWriter(store)
+    j = job("replicate")
+    abandoned = writer.flush()
+    abandoned.cancel()
+    store.gate.set()
+    writer.put({**_doc(j), "status": "starting"}).result(timeout=10)
+    writer.flush().result(timeout=10)
+    writer.put({**_doc(j), "status": "succeeded"}).result(timeout=10)
+    assert store.get_prediction(j.id, None)["status"] == "succeeded"
+    writer.close()
+    store.close()

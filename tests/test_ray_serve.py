@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from tests.conftest import API_KEY, free_port, make_settings
+from tests.pg_fixtures import postgres_bindir
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
@@ -43,7 +44,7 @@ PROMPTS = [f"Tell me about the number {i}." for i in range(16)]
 
 
 @pytest.fixture(scope="module")
-def ray_server(tmp_path_factory, demo_folders):
+def ray_server(request, tmp_path_factory, demo_folders):
     from ray import serve
 
     from server.ray_serve import APP_NAME, build_app
@@ -56,6 +57,10 @@ def ray_server(tmp_path_factory, demo_folders):
     models.write_text(RAY_MODELS)
     port = free_port()
     settings = make_settings(home, models, port=port)
+    if postgres_bindir() is not None:  # two ingress replicas over one PostgreSQL store
+        database_url = request.getfixturevalue("postgres_server").create_database()
+        settings = make_settings(home, models, port=port, database_url=database_url, ingress_replicas=2,
+                                 replica_heartbeat_s=0.25)
     # Replicas report their load every 10 s by default: too slow for a test's look-back.
     os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")
     os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")
@@ -195,6 +200,45 @@ def test_scale_block_becomes_serve_options():
                 "{num_gpus: -1}", "[1]"):
         with pytest.raises(InvalidInput):
             version(bad)
+
+
+def test_several_ingress_replicas_need_a_postgresql_store(tmp_path):
+    from server.ray_serve import check_ingress_replicas
+    from server.settings import Settings
+
+    check_ingress_replicas(Settings(home=tmp_path))
+    with pytest.raises(ValueError, match="EMBER_DATABASE_URL"):
+        check_ingress_replicas(Settings(home=tmp_path, ingress_replicas=2))
+    with pytest.raises(ValueError, match="at least 1"):
+        check_ingress_replicas(Settings(home=tmp_path, ingress_replicas=0))
+    check_ingress_replicas(Settings(home=tmp_path, ingress_replicas=3, database_url="postgresql://db/ember"))
+
+
+def test_ingress_replicas_share_one_postgresql_store(ray_server, url):
+    """Serve's proxy spreads requests over both ingress replicas; whichever answers sees every
+    prediction (the other tests here then run across both replicas too)."""
+    if ray_server.ingress_replicas < 2:
+        pytest.skip("PostgreSQL is not installed: the Ray app runs one ingress replica over SQLite")
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.Client(base_url=url, headers=headers, timeout=60) as http:
+        answered = set()
+        for _ in range(40):
+            health = http.get("/health").json()
+            assert health["replica"]["store"]["backend"] == "postgresql"
+            answered.add(health["replica"]["id"])
+            if len(answered) == 2:
+                break
+        assert len(answered) == 2 and set(health["replica"]["replicas"]) == answered
+        created = http.post("/v1/models/ember/tiny-chat/predictions",
+                            json={"input": {"prompt": "Hi", "max_new_tokens": 24, "temperature": 0}})
+        assert created.status_code == 201, created.text
+        prediction_id = created.json()["id"]
+        deadline = time.time() + 60
+        while (record := http.get(f"/v1/predictions/{prediction_id}").json())["status"] != "succeeded":
+            assert record["status"] in ("starting", "processing") and time.time() < deadline
+            time.sleep(0.05)
+        listed = {p["id"] for p in http.get("/v1/predictions").json()["results"]}
+        assert prediction_id in listed
 
 
 def test_cancel_through_the_api_aborts_on_the_replica(ray_server, url):
