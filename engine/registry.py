@@ -311,7 +311,8 @@ VERSION_KEYS = {"weights", "kind", "dtype", "quantization", "placement", "device
 
 # The `scale:` block (used only by `ember serve --ray`; placement, not identity).
 SCALE_KEYS = {"replicas", "min_replicas", "max_replicas", "target_ongoing_requests", "max_ongoing_requests",
-              "upscale_delay_s", "downscale_delay_s", "look_back_period_s", "num_cpus", "num_gpus", "memory"}
+              "upscale_delay_s", "downscale_delay_s", "look_back_period_s", "num_cpus", "num_gpus", "memory",
+              "prefix_imbalance"}
 
 DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}

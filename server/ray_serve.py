@@ -57,6 +57,9 @@ def deployment_options(version: Version, cluster_gpus: float) -> dict:
     options: dict = {"name": deployment_name(version), "ray_actor_options": actor,
                      "max_ongoing_requests": int(scale.get("max_ongoing_requests",
                                                            version.limits.get("max_num_seqs", 64)))}
+    if version.kind == "text-generation":  # jobs sharing a prompt prefix go where its KV blocks are cached
+        options["request_router_config"] = {"request_router_class": "server.prefix_router.PrefixAffinityRouter",
+                                            "request_router_kwargs": {"imbalance": int(scale.get("prefix_imbalance", 8))}}
     if any(key in scale for key in AUTOSCALING_KEYS):
         low = int(scale.get("min_replicas", 1))
         options["autoscaling_config"] = {"min_replicas": low, "max_replicas": int(scale.get("max_replicas", max(low, 1))),

@@ -339,3 +339,64 @@ def test_a_killed_replica_fails_its_requests_cleanly(ray_server, openai_client, 
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30) as http:
         records = [http.get(f"/v1/predictions/{job_id}").json() for job_id, _ in failed if job_id]
     assert records and all(r["status"] == "failed" and "replica" in r["error"] for r in records), records
+
+
+def test_prefix_keys_name_what_requests_share():
+    from engine.text_task import TextTask
+    from server.prefix_router import prefix_key
+
+    system = "You are a meticulous assistant for the accounting team of a mid-sized company. " * 2
+    a = TextTask(messages=[{"role": "user", "content": "What is a ledger?"}], system_prompt=system)
+    b = TextTask(messages=[{"role": "user", "content": "And a journal?"}], system_prompt=system)
+    history = [{"role": "system", "content": system}, {"role": "user", "content": "Hi"},
+               {"role": "assistant", "content": "Hello"}]
+    c = TextTask(messages=[*history, {"role": "user", "content": "one"}])
+    d = TextTask(messages=[*history, {"role": "user", "content": "two"}])
+    assert prefix_key(a) == prefix_key(b) is not None  # same system prompt, different last turn
+    assert prefix_key(c) == prefix_key(d) is not None and prefix_key(c) != prefix_key(a)
+    assert prefix_key(TextTask(messages=[{"role": "user", "content": "short"}])) is None
+    long_prompt = "x" * 2000
+    assert prefix_key(TextTask(prompt=long_prompt + "a")) == prefix_key(TextTask(prompt=long_prompt + "b"))
+    assert prefix_key(TextTask(prompt_token_ids=list(range(300)))) == prefix_key(
+        TextTask(prompt_token_ids=[*range(256), 9, 9]))
+    assert prefix_key(TextTask(prompt_token_ids=[1, 2, 3])) is None
+
+
+def test_router_prefers_the_prefix_owner_unless_it_is_much_busier():
+    import asyncio
+    from types import SimpleNamespace
+
+    from engine.text_task import TextTask
+    from server.prefix_router import PrefixAffinityRouter
+
+    router = PrefixAffinityRouter.__new__(PrefixAffinityRouter)  # no Serve controller needed for the policy
+    router.initialize_state(imbalance=2)
+    queue = {}
+    router._replica_queue_len_cache = SimpleNamespace(get=queue.get)
+    replicas = [SimpleNamespace(replica_id=f"r{i}", max_ongoing_requests=8) for i in range(3)]
+    system = "You are a meticulous assistant for the accounting team of a mid-sized company."
+    request = SimpleNamespace(args=[{"kind": "text-generation", "task": TextTask(
+        messages=[{"role": "user", "content": "hi"}], system_prompt=system)}], kwargs={})
+    first = asyncio.run(router.choose_replicas(replicas, request))
+    assert len(first) == 1 and len(first[0]) == 2  # unknown prefix: two random replicas
+    router.on_request_routed(request, "r1", None)
+    assert asyncio.run(router.choose_replicas(replicas, request)) == [[replicas[1]]]
+    queue.update(r0=0, r1=2, r2=1)
+    assert asyncio.run(router.choose_replicas(replicas, request)) == [[replicas[1]]]  # within the imbalance
+    queue.update(r1=3)
+    assert len(asyncio.run(router.choose_replicas(replicas, request))[0]) == 2  # too busy: spread
+    stats = SimpleNamespace(args=[], kwargs={})
+    assert len(asyncio.run(router.choose_replicas(replicas, stats))[0]) == 2  # not a job
+
+
+def test_requests_sharing_a_system_prompt_go_to_one_replica(ray_server, openai_client):
+    """Through HTTP: the ingress's router sends a conversation prefix back to the replica that
+    cached it (the prefix-affinity router of server.prefix_router)."""
+    handle = model_handle(ray_server, "ember/tiny-chat")
+    before = {r: s["served"] for r, s in replica_stats(handle, 2).items()}
+    system = "You are the support assistant of a bicycle shop; answer in one short sentence, politely. " * 3
+    for i in range(6):
+        openai_client.chat.completions.create(model="ember/tiny-chat", max_tokens=2, messages=[
+            {"role": "system", "content": system}, {"role": "user", "content": f"Question {i}?"}])
+    after = {r: s["served"] for r, s in replica_stats(handle, 2).items()}
+    assert sorted(after[r] - before[r] for r in after) == [0, 6]
