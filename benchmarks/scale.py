@@ -129,6 +129,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--port", type=int, default=8741)
+    parser.add_argument("--tag", default="", help="appended to the result file names")
     args = parser.parse_args()
 
     from engine.demo import ensure_demo_models
@@ -146,8 +147,11 @@ def main() -> None:
     summary = {"ray_tpot_overhead_pct": round(100 * (figures["ray, 1 replica"]["tpot_ms"] / base - 1), 1),
                "two_replica_speedup": round(figures["ray, 2 replicas"]["tok_s"] / figures["ray, 1 replica"]["tok_s"], 2)}
     print(summary)
-    out = Path(__file__).parent / "results" / f"scale_{device_label('cpu')}"
-    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "figures": figures, **summary}, indent=2))
+    out = Path(__file__).parent / "results" / "_".join(p for p in ("scale", device_label("cpu"), args.tag) if p)
+    settings = {"ray_stream_interval_ms": os.environ.get("EMBER_RAY_STREAM_INTERVAL_MS", "default (20)"),
+                "load_average_at_end": os.getloadavg()}
+    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "settings": settings, "figures": figures,
+                                                    **summary}, indent=2))
     try:
         import matplotlib
 

@@ -11,7 +11,8 @@ returning an async iterator of messages with a `cancel()` (a Ray Serve deploymen
 
 Messages, in order: ("error", payload) alone when the job was rejected before it ran;
 otherwise ("ready", prompt_tokens), then ("events", [Event, ...]) with the output/log events
-ready at that moment (under load many tokens share one message), then ("end", outcome). Cancelling the stream cancels the serving side's generator, whose `finally`
+ready at that moment (under load many tokens share one message; see `serve_job`'s interval), then
+("end", outcome). Cancelling the stream cancels the serving side's generator, whose `finally`
 cancels the job there: the LLM aborts the request and frees its KV blocks.
 """
 
@@ -59,24 +60,35 @@ def outcome(job: Job) -> dict:
             "prompt_tokens": job.prompt_tokens, "prompt_text": job.prompt_text}
 
 
-async def serve_job(engine: Engine, spec: dict) -> AsyncIterator[tuple[str, Any]]:
-    """Run one job on this side's engine and yield its messages (see the module docstring)."""
+async def serve_job(engine: Engine, spec: dict, interval_s: float = 0.0) -> AsyncIterator[tuple[str, Any]]:
+    """Run one job on this side's engine and yield its messages (see the module docstring).
+
+    Consecutive "events" messages are at least `interval_s` apart (the first goes at once): each
+    message costs both processes a fixed amount of work, which with many streams and small steps
+    outweighs the tokens themselves, so tokens ready within the interval travel together."""
     job = Job(**spec)
     try:
         await engine.submit(job, wait_ready=True)
     except EmberError as exc:
         yield ("error", error_payload(exc))
         return
+    loop = asyncio.get_running_loop()
     try:
         yield ("ready", job.prompt_tokens)
-        batch = []
+        batch, last_sent = [], float("-inf")
         async for event in job.follow():
             if event.type == "done":
                 break
             batch.append(event)
-            if event.id == len(job.events) - 1:  # nothing more is ready: send what accumulated
-                yield ("events", batch)
-                batch = []
+            if event.id < len(job.events) - 1:
+                continue  # more is ready already
+            wait = last_sent + interval_s - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                if event.id < len(job.events) - 1:
+                    continue  # more arrived meanwhile: collect it first
+            yield ("events", batch)
+            batch, last_sent = [], loop.time()
         if batch:
             yield ("events", batch)
         yield ("end", outcome(job))

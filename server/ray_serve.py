@@ -86,9 +86,10 @@ class ModelWorker:
     """Replicas of one model version: an Engine holding only that version, loaded at start."""
 
     def __init__(self, version: Version, files_dir: Path, base_url: str, allow_http_inputs: bool,
-                 allow_private_urls: bool):
+                 allow_private_urls: bool, stream_interval_s: float = 0.0):
         import ray
 
+        self.stream_interval_s = stream_interval_s
         self.version = replica_version(version, len(ray.get_gpu_ids()))
         registry = Registry([ModelEntry(name=version.model, description="", versions=[self.version])])
         options = EngineOptions(allow_http_inputs=allow_http_inputs, allow_private_urls=allow_private_urls,
@@ -101,7 +102,7 @@ class ModelWorker:
     async def run_job(self, spec: dict):
         """One job's messages (engine.remote); cancelling this stream cancels the job here."""
         self.served += 1
-        async for message in serve_job(self.engine, spec):
+        async for message in serve_job(self.engine, spec, self.stream_interval_s):
             yield message
 
     def stats(self) -> dict:
@@ -139,7 +140,8 @@ def build_app(settings: Settings, cluster_gpus: float = 0):
     for version in registry.versions():
         if version.available:
             workers[version.ref] = ModelWorker.options(**deployment_options(version, cluster_gpus)).bind(
-                version, settings.files_dir, base, settings.allow_http_inputs, settings.allow_private_urls)
+                version, settings.files_dir, base, settings.allow_http_inputs, settings.allow_private_urls,
+                settings.ray_stream_interval_ms / 1000)
     # The ingress waits on HTTP and handles, not on compute: it asks for no CPU so GPU nodes' CPUs
     # stay with the model replicas.
     return Ingress.options(num_replicas=settings.ingress_replicas, max_ongoing_requests=settings.max_queue,

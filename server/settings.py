@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     storage_dir: Path | None = None  # uploaded and produced files; a folder every replica sees. Default: home/files
     replica_heartbeat_s: float = 2.0  # how often a replica heartbeats, picks up cancels and adopts orphans
     replica_lease_s: float = 15.0  # a replica silent this long is gone: another adopts its predictions
+    ray_stream_interval_ms: float = 20.0  # `ember serve --ray`: a model replica sends a stream's tokens at most this often
     ingress_replicas: int = 1  # `ember serve --ray`: replicas of the HTTP ingress (more than 1 needs PostgreSQL)
     max_queue: int = 1024
     memory_budgets: str | None = None  # per-device GiB, e.g. "cpu=16,cuda:0=70"; default 90% of GPUs, half of RAM

@@ -158,3 +158,26 @@ async def test_a_caller_cancelled_while_the_model_loads_releases_it(settings):
         assert engine.pool.states[version.id].in_use == 0
     finally:
         await engine.close()
+
+
+@pytest.mark.parametrize("interval_s", [0.0, 0.25])
+async def test_remote_messages_carry_every_token_once_and_respect_the_interval(engine, interval_s):
+    """engine.remote.serve_job (what a Ray replica streams): the events of a job in order, each
+    once; with an interval, consecutive messages are at least that far apart and so fewer."""
+    from engine.remote import job_spec, serve_job
+
+    spec = job_spec(_job(engine, TextTask(prompt="Hello there", params=SamplingParams(
+        max_new_tokens=24, temperature=0, ignore_eos=True))))
+    messages, stamps = [], []
+    async for kind, payload in serve_job(engine, spec, interval_s):
+        messages.append((kind, payload))
+        stamps.append(asyncio.get_running_loop().time())
+    kinds = [k for k, _ in messages]
+    assert kinds[0] == "ready" and kinds[-1] == "end" and set(kinds[1:-1]) == {"events"}
+    events = [e for k, p in messages if k == "events" for e in p]
+    assert [e.id for e in events] == list(range(len(events)))
+    assert "".join(e.data for e in events if e.type == "output") == messages[-1][1]["choices"][0].text
+    sent = [t for (k, _), t in zip(messages, stamps) if k == "events"]
+    if interval_s:
+        assert all(b - a >= interval_s * 0.9 for a, b in zip(sent, sent[1:]))
+        assert len(sent) < sum(e.type == "output" for e in events)
