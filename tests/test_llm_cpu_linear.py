@@ -89,6 +89,16 @@ def test_float32_models_and_the_off_switch_keep_nn_linear(monkeypatch):
     assert pack_linears(model) == 0 and len(linears(model)) == 15
 
 
+@needs_ops
+def test_layers_under_an_accelerate_hook_or_off_the_cpu_stay_as_they_are():
+    model = tiny_llama(torch.bfloat16, tied=False)
+    hooked = model.model.layers[0].mlp.up_proj
+    hooked._hf_hook = object()  # what accelerate's offloading attaches
+    model.model.layers[1].mlp.down_proj.to("meta")
+    assert pack_linears(model) == 13
+    assert linears(model) == ["model.layers.0.mlp.up_proj", "model.layers.1.mlp.down_proj"]
+
+
 @pytest.mark.parametrize("broken", ["missing", "failing"])
 def test_without_working_ops_nothing_is_swapped(monkeypatch, tokenizer, broken):
     """Another torch build (no mkldnn ops) or a host whose oneDNN cannot run them: nn.Linear stays

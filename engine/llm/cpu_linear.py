@@ -16,7 +16,8 @@ packed). An untied weight is replaced by its packed copy; a weight tied to anoth
 head sharing the input embedding) keeps the shared tensor for that module and adds the packed copy
 as a buffer, which the model pool's accounting (engine/residency.py) counts with the weights.
 Where the ops are missing or fail a self-check on this host (another torch build, a CPU without
-the instructions) nothing is swapped.
+the instructions) nothing is swapped; so are layers off the CPU or under an accelerate hook
+(offloaded weights).
 """
 
 from __future__ import annotations
@@ -119,7 +120,8 @@ def pack_linears(model: nn.Module) -> int:
         for param in module.parameters(recurse=False):
             owners[id(param)] = owners.get(id(param), 0) + 1
     targets = [(name, module) for name, module in model.named_modules()
-               if type(module) is nn.Linear and module.weight.dtype in PACKED_DTYPES]
+               if type(module) is nn.Linear and module.weight.dtype in PACKED_DTYPES
+               and module.weight.device.type == "cpu" and not hasattr(module, "_hf_hook")]
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
