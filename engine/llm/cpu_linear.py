@@ -23,6 +23,7 @@ the instructions) nothing is swapped; so are layers off the CPU or under an acce
 from __future__ import annotations
 
 import copy
+import ctypes
 import os
 
 import torch
@@ -119,11 +120,24 @@ def pack_linears(model: nn.Module) -> int:
     for module in model.modules():
         for param in module.parameters(recurse=False):
             owners[id(param)] = owners.get(id(param), 0) + 1
-    targets = [(name, module) for name, module in model.named_modules()
+    targets = [name for name, module in model.named_modules()
                if type(module) is nn.Linear and module.weight.dtype in PACKED_DTYPES
                and module.weight.device.type == "cpu" and not hasattr(module, "_hf_hook")]
-    for name, linear in targets:
+    for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, PackedLinear(linear, owners[id(linear.weight)] > 1, ops))
+        tied = owners[id(getattr(parent, child).weight)] > 1
+        setattr(parent, child, PackedLinear(getattr(parent, child), tied, ops))
+    if targets:
+        _return_freed_memory()
     return len(targets)
+
+
+def _return_freed_memory() -> None:
+    """Hand the replaced weights' pages back to the OS. glibc keeps freed heap memory resident
+    (here RSS stayed 60 MB higher after packing a 110 MB model, though no old weight was alive)
+    until `malloc_trim`; elsewhere this does nothing."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
