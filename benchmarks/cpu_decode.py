@@ -11,7 +11,9 @@ shared machine hits every variant alike); prints the median per variant and its 
 - compiled-mlp: eager linears, each decoder layer's MLP through torch.compile (inductor, freezing
   on, dynamic shapes), the part of the model that compiles: the whole forward does not (the paged
   attention is Python, and inductor fails on the model's dynamic shapes), and inductor's freezing
-  rejects the packed weights' opaque tensors.
+  rejects the packed weights' opaque tensors;
+- packed-each / packed-padded: packed, with the CPU attention's decode path forced per sequence or
+  padded (the others use the backend's own rule, `prefer_padded`).
 
     python -m benchmarks.cpu_decode --rows 1 16 64 --dtype bfloat16
 """
@@ -32,8 +34,10 @@ import torch  # noqa: E402
 
 from benchmarks.engine_steps import smollm2_shape  # noqa: E402
 from benchmarks.offline_llm import build_model  # noqa: E402
+from engine.llm import attention_cpu  # noqa: E402
 
 BLOCK_SIZE = 16
+ATTENTION = {"packed-each": lambda group, k_cache: False, "packed-padded": lambda group, k_cache: True}
 
 
 def decode_batch(rows: int, context: int, vocab: int):
@@ -58,7 +62,7 @@ def make_runner(model, variant: str, num_blocks: int):
 
     from engine.llm import cpu_linear
 
-    os.environ[cpu_linear.ENV_SWITCH] = "1" if variant == "packed" else "0"
+    os.environ[cpu_linear.ENV_SWITCH] = "1" if variant.startswith("packed") else "0"
     policy, cpu_linear.PACKED_DTYPES = cpu_linear.PACKED_DTYPES, (torch.float32, torch.bfloat16)
     try:
         runner = ModelRunner(model, num_blocks, BLOCK_SIZE)
@@ -79,12 +83,14 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--context", type=int, default=320)
-    ap.add_argument("--variants", nargs="+", default=["eager", "packed", "compiled-mlp"])
+    ap.add_argument("--variants", nargs="+", default=["eager", "packed", "compiled-mlp"],
+                    choices=["eager", "packed", "compiled-mlp", "packed-each", "packed-padded"])
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads (the engine's step thread uses 1)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    rule = attention_cpu.prefer_padded
     base = (build_model("cpu") if args.shape == "bench" else smollm2_shape()).to(getattr(torch, args.dtype))
     report = {"args": vars(args), "ms": {}}
     for rows in args.rows:
@@ -93,6 +99,7 @@ def main() -> None:
         times: dict[str, list[float]] = {v: [] for v in args.variants}
         for round_ in range(args.rounds + 2):  # two warm-up rounds (compilation happens there)
             for variant, runner in runners.items():
+                attention_cpu.prefer_padded = ATTENTION.get(variant, rule)
                 start = time.perf_counter()
                 runner.execute(seqs, [1] * rows)
                 if round_ >= 2:

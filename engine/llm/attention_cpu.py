@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from engine.llm.attention import SpanGroup
 
 MAX_RUNS = 4  # decode contexts in up to this many runs of blocks are attended without a copy
-PADDED_MIN_ROWS = 4  # decode groups this large or larger whose padded K/V per row stay under
-PADDED_MAX_ROW_BYTES = 160 * 2**10  # this run padded in one call (see prefer_padded)
+PADDED_MIN_ROWS = 4  # decode groups of this many rows or more whose padded K/V per row stay under
+PADDED_MAX_ROW_BYTES = 256 * 2**10  # this run padded in one call (see prefer_padded)
 _flash_with_lse = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
@@ -167,13 +167,15 @@ def prefer_padded(group: SpanGroup, k_cache: torch.Tensor) -> bool:
     The per-sequence path pays a fixed cost per row (Python, one SDPA call: ~20-25 us); the padded
     path pays one copy of every row's context, padded to the longest. So padding wins when a row's
     padded K/V are small next to that fixed cost, and with enough rows to spread its own per-call
-    work. `python -m benchmarks.cpu_attention` (one layer, one thread, bf16, head_dim 64; noisy
-    shared machine) gave, padded / per-sequence at 16-64 rows, contiguous contexts:
-    8 q/8 kv heads (2 KiB of K+V per key): 64 keys 0.5-1.1, 128 keys 1.4-1.9, 256+ keys 1.5-2.7;
-    9 q/3 kv (768 B per key): 64 keys 0.6, 128 keys 0.8, 192-320 keys 0.9-1.2, 384+ keys 1.3-2.5;
-    32 q/8 kv (2 KiB per key): 64 keys 0.8-0.9, 128 keys 0.5-1.1, 256+ keys 1.2-1.6.
-    One row never gains from padding. Multi-query groups (prefill chunks) stay per sequence: forced
-    padded, a SmolLM2-shaped model's prefill steps took 1.5x longer.
+    work; one row never gains. Measured on a noisy 2-core machine, one thread, bf16, head_dim 64,
+    padded / per-sequence time of a whole decode step (`benchmarks/cpu_decode.py`, contiguous
+    contexts, 16 and 64 rows):
+    hidden 512 x 8 layers, 8 q/8 kv heads (2 KiB of K+V per key): 96 keys 0.95-1.0, 192 keys
+    1.05-1.08, 320 keys 1.11-1.22; SmolLM2's shape, 30 layers, 9 q/3 kv heads (768 B per key):
+    128 keys 0.85-0.94, 320 keys 0.95-0.98, 512 keys 1.01. So the line is at about 256 KiB of padded
+    K/V per row. One layer alone (`benchmarks/cpu_attention.py`) puts it lower (~160 KiB), and with
+    32 q/8 kv heads similar. Multi-query groups (prefill chunks) stay per sequence: forced padded,
+    the SmolLM2-shaped model's prefill steps took 1.5x longer.
     """
     if group.max_query_len != 1 or group.num_seqs < PADDED_MIN_ROWS:
         return False
