@@ -4,10 +4,11 @@
 of the cache (`attend_each`) or in one padded, masked SDPA call after gathering every context
 (`attend_padded`). Which is faster depends on the number of rows, how many query heads share a KV
 head and the context length; this sweeps those and prints per-call times and the ratio
-padded / each, which the backend's `prefer_padded` rule is fitted to. Contexts vary uniformly in
-[ctx * (1 - spread), ctx] (padding is part of the padded path's cost); blocks are laid out contiguously per
-sequence ("contiguous", a fresh server) or shuffled ("scattered", a fragmented pool). One thread,
-as the engine's step thread runs; figures on a shared machine are noisy.
+padded / each, and which path the backend's rule (`prefer_padded`, fitted to whole steps timed by
+benchmarks/cpu_decode.py) picks. Contexts vary uniformly in [ctx * (1 - spread), ctx] (padding is
+part of the padded path's cost); blocks are laid out contiguously per sequence ("contiguous", a
+fresh server) or shuffled ("scattered", a fragmented pool). One thread, as the engine's step
+thread runs; figures on a shared machine are noisy.
 
     python -m benchmarks.cpu_attention                       # the default sweep, bfloat16
     python -m benchmarks.cpu_attention --heads 9:3 --rows 16 64 --ctx 256 --dtype float32
@@ -25,10 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from engine.llm.attention import SpanGroup  # noqa: E402
-from engine.llm.attention_cpu import TorchBackend, prefer_padded  # noqa: E402
+from engine.llm.attention import SpanGroup
+from engine.llm.attention_cpu import TorchBackend, prefer_padded
 
 BLOCK_SIZE = 16
 

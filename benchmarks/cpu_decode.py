@@ -30,11 +30,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.engine_steps import smollm2_shape  # noqa: E402
-from benchmarks.offline_llm import build_model  # noqa: E402
-from engine.llm import attention_cpu  # noqa: E402
+from benchmarks.engine_steps import smollm2_shape
+from benchmarks.offline_llm import build_model
+from engine.llm import attention_cpu
 
 BLOCK_SIZE = 16
 ATTENTION = {"packed-each": lambda group, k_cache: False, "packed-padded": lambda group, k_cache: True}
@@ -58,9 +58,8 @@ def decode_batch(rows: int, context: int, vocab: int):
 def make_runner(model, variant: str, num_blocks: int):
     import os
 
-    from engine.llm.runner import ModelRunner
-
     from engine.llm import cpu_linear
+    from engine.llm.runner import ModelRunner
 
     os.environ[cpu_linear.ENV_SWITCH] = "1" if variant.startswith("packed") else "0"
     policy, cpu_linear.PACKED_DTYPES = cpu_linear.PACKED_DTYPES, (torch.float32, torch.bfloat16)

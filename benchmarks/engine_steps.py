@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.offline_llm import build_model, build_tokenizer, make_workload  # noqa: E402
+from benchmarks.offline_llm import build_model, build_tokenizer, make_workload
 
 
 def timed(record: list, fn):
@@ -65,10 +65,9 @@ def main() -> None:
 
     import torch
 
+    from engine.llm import attention_cpu
     from engine.llm.engine import LLMEngine, LLMEngineConfig
     from engine.llm.types import GenerationRequest, SamplingParams
-
-    from engine.llm import attention_cpu
 
     if args.cpu_attention != "auto":
         attention_cpu.prefer_padded = lambda *a, choice=args.cpu_attention == "padded": choice

@@ -69,7 +69,7 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._linear(x, self.packed_weight, self.bias, "none", [], "")
 
-    def __deepcopy__(self, memo: dict) -> "PackedLinear":
+    def __deepcopy__(self, memo: dict) -> PackedLinear:
         """A copy packed afresh from the dense weight (oneDNN's opaque tensors cannot be copied)."""
         tied = self.tied_weight is not None
         dense = copy.deepcopy(self.tied_weight, memo) if tied else self.packed_weight.to_dense()
