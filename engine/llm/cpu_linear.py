@@ -129,14 +129,22 @@ def pack_linears(model: nn.Module) -> int:
         tied = owners[id(getattr(parent, child).weight)] > 1
         setattr(parent, child, PackedLinear(getattr(parent, child), tied, ops))
     if targets:
-        _return_freed_memory()
+        _release_replaced_weights(model)
     return len(targets)
 
 
-def _return_freed_memory() -> None:
-    """Hand the replaced weights' pages back to the OS. glibc keeps freed heap memory resident
-    (here RSS stayed 60 MB higher after packing a 110 MB model, though no old weight was alive)
-    until `malloc_trim`; elsewhere this does nothing."""
+def _release_replaced_weights(model: nn.Module) -> None:
+    """Hand the replaced weights' memory back to the OS.
+
+    Weights loaded from safetensors are views of one memory-mapped file, which stays mapped (and
+    its pages resident once packing has read them) while any tensor from it lives: copying the
+    remaining tensors (embeddings, norms, biases) out lets the mapping go. Measured on the serving
+    benchmark's model (110 MB of bf16 weights), RSS after one forward: eager 510 MB, packed 545 MB
+    (594 MB without this). And glibc keeps freed heap memory resident until `malloc_trim` (a model
+    built in memory: +58 MB without it, +8 MB with it); elsewhere that call does nothing."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if not tensor.is_mkldnn:
+            tensor.data = tensor.data.clone()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
