@@ -71,6 +71,9 @@ def test_packing_a_bf16_model_keeps_its_logits_and_counts_its_bytes(tied):
     after = residency.weight_bytes(type("W", (), {"model": model})())["cpu"]
     assert after - before == (head.packed_weight.nbytes if tied else 0)
 
+    saved, original = model.state_dict(), reference.state_dict()  # what nn.Linear would save
+    assert saved.keys() == original.keys() and all(torch.equal(saved[k], original[k]) for k in saved)
+
     ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=0)

@@ -69,6 +69,13 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._linear(x, self.packed_weight, self.bias, "none", [], "")
 
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        """The keys and dense values nn.Linear would save (`weight`, `bias`)."""
+        weight = self.tied_weight if self.tied_weight is not None else self.packed_weight.to_dense()
+        destination[prefix + "weight"] = weight if keep_vars else weight.detach()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
     def __deepcopy__(self, memo: dict) -> PackedLinear:
         """A copy packed afresh from the dense weight (oneDNN's opaque tensors cannot be copied)."""
         tied = self.tied_weight is not None
