@@ -83,6 +83,16 @@ def test_packing_a_bf16_model_keeps_its_logits_and_counts_its_bytes(tied):
         assert clone.get_output_embeddings().tied_weight is clone.get_input_embeddings().weight
 
 
+@needs_ops
+def test_packing_leaves_the_global_rng_alone():
+    model = tiny_llama(torch.bfloat16, tied=False)
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    assert pack_linears(model) == 15
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_float32_models_and_the_off_switch_keep_nn_linear(monkeypatch):
     model = tiny_llama(torch.float32, tied=False)
     assert pack_linears(model) == 0 and len(linears(model)) == 15

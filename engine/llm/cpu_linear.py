@@ -92,13 +92,15 @@ class PackedLinear(nn.Module):
 
 
 def _self_check(ops, dtype: torch.dtype) -> bool:
-    """The packed path runs on this host and matches F.linear on a small case."""
+    """The packed path runs on this host and matches F.linear on a small case (values from a
+    private generator: building a runner must not move the global RNG)."""
     try:
         gen = torch.Generator().manual_seed(0)
-        layer = nn.Linear(32, 48, dtype=dtype)
+        layer = nn.utils.skip_init(nn.Linear, 32, 48, dtype=dtype)
         with torch.no_grad():
             layer.weight.copy_(torch.randn(48, 32, generator=gen))
-            x = torch.randn(3, 32, generator=gen, dtype=torch.float32).to(dtype)
+            layer.bias.copy_(torch.randn(48, generator=gen))
+            x = torch.randn(3, 32, generator=gen).to(dtype)
             got = PackedLinear(layer, False, ops)(x)
             want = F.linear(x, layer.weight, layer.bias)
         return bool(torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2))
