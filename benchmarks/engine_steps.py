@@ -119,7 +119,8 @@ def main() -> None:
         return {"steps": len(records), "step_ms": step, "forward_ms": fwd, "sample_ms": smp,
                 "rest_ms": step - fwd - smp}
 
-    report = {"args": vars(args), "packed_linears": runner.packed_linears, "wall_s": wall, "output_tok_s": args.concurrency * args.output / wall,
+    report = {"args": vars(args), "packed_linears": runner.packed_linears, "wall_s": wall,
+              "output_tok_s": args.concurrency * args.output / wall,
               "decode_steps": per_step(decode_steps), "other_steps": per_step(steps)}
     print(json.dumps(report, indent=1))
 

@@ -16,8 +16,9 @@ one batched SDPA over contexts gathered into a padded buffer 53-85 ms; per-seque
 
 Without host block tables (the static buffers of decode graphs), and for decode groups of many
 short contexts where one copy costs less than a call per row (`prefer_padded`), a group is
-attended in one batched call: one `index_select` of whole blocks gathers every context, padded to the widest
-block table, and one SDPA call attends all sequences under a boolean mask derived once per step.
+attended in one batched call: one `index_select` of whole blocks gathers every context, padded to
+the widest block table, and one SDPA call attends all sequences under a boolean mask derived once
+per step.
 
 GQA is handled by folding the query heads that share a KV head into the query-length dimension
 ([S, kv_heads, group * q_len, head_dim]) instead of expanding K/V or passing `enable_gqa`: with a
