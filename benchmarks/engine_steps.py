@@ -7,6 +7,9 @@ event loop turning ids into deltas) is timed too. Figures on a shared machine ar
 
     python -m benchmarks.engine_steps --concurrency 64 --prompt 256 --output 128
     python -m benchmarks.engine_steps --prompt 1024 --sampling   # temperature, top_p, penalties
+    python -m benchmarks.engine_steps --dtype bfloat16 --concurrency 1   # the serving benchmark's dtype
+    EMBER_CPU_PACKED_LINEAR=0 python -m benchmarks.engine_steps --dtype bfloat16   # eager nn.Linear
+    python -m benchmarks.engine_steps --shape smollm2 --cpu-attention padded   # 30 layers, 9q/3kv heads
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.offline_llm import build_model, build_tokenizer, make_workload  # noqa: E402
+from benchmarks.offline_llm import build_model, build_tokenizer, make_workload
 
 
 def timed(record: list, fn):
@@ -35,21 +38,41 @@ def timed(record: list, fn):
     return wrapper
 
 
+def smollm2_shape():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                         tie_word_embeddings=True)
+    config.eos_token_id = None
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--output", type=int, default=128)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--shape", choices=["bench", "smollm2"], default="bench",
+                        help="bench: hidden 512 x 8 layers; smollm2: SmolLM2-135M's shape (random weights)")
+    parser.add_argument("--cpu-attention", choices=["auto", "each", "padded"], default="auto",
+                        help="force the CPU attention backend's decode path (auto: its own rule)")
     parser.add_argument("--sampling", action="store_true", help="temperature 0.8, top_p 0.9, repetition 1.1")
     args = parser.parse_args()
 
     import torch
 
+    from engine.llm import attention_cpu
     from engine.llm.engine import LLMEngine, LLMEngineConfig
     from engine.llm.types import GenerationRequest, SamplingParams
 
+    if args.cpu_attention != "auto":
+        attention_cpu.prefer_padded = lambda *a, choice=args.cpu_attention == "padded": choice
     torch.manual_seed(0)
-    model = build_model("cpu")
+    model = (build_model("cpu") if args.shape == "bench" else smollm2_shape()).to(getattr(torch, args.dtype))
     tokenizer = build_tokenizer(model.config.vocab_size)
     engine = LLMEngine(model, tokenizer, LLMEngineConfig(kv_cache_bytes=1024 * 2**20, max_num_seqs=args.concurrency,
                                                          max_num_batched_tokens=2048))
@@ -96,7 +119,8 @@ def main() -> None:
         return {"steps": len(records), "step_ms": step, "forward_ms": fwd, "sample_ms": smp,
                 "rest_ms": step - fwd - smp}
 
-    report = {"args": vars(args), "wall_s": wall, "output_tok_s": args.concurrency * args.output / wall,
+    report = {"args": vars(args), "packed_linears": runner.packed_linears, "wall_s": wall,
+              "output_tok_s": args.concurrency * args.output / wall,
               "decode_steps": per_step(decode_steps), "other_steps": per_step(steps)}
     print(json.dumps(report, indent=1))
 

@@ -1,6 +1,6 @@
 """Paged attention pieces that run anywhere: the KV layout and its scatter, per-layer allocation
 on each layer's device, the PyTorch backend's paths (views of contiguous contexts, log-sum-exp over
-a few runs, gathers, the padded batch used by decode graphs) against a per-head reference, and the
+a few runs, gathers, the padded batch used by decode graphs and by many short decode contexts) against a per-head reference, and the
 runner's interface (prompt logits, bytes held)."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import random
 import pytest
 import torch
 
+from engine.llm import attention_cpu
 from engine.llm.attention import SpanGroup, allocate_kv, write_kv
 from engine.llm.attention_cpu import MAX_RUNS, TorchBackend, _runs
 
@@ -90,15 +91,53 @@ SPANS = {
 @pytest.mark.parametrize("layout", ["contiguous", "pairs", "scattered"])
 @pytest.mark.parametrize("kind", ["decode", "prefill"])
 @pytest.mark.parametrize("window", [None, 6])
-@pytest.mark.parametrize("host_tables", [True, False])
+@pytest.mark.parametrize("path", ["per-sequence", "by-rule", "no-host-tables"])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 4), (4, 1)])
-def test_torch_backend_matches_reference(layout, kind, window, host_tables, heads, kv_heads):
+def test_torch_backend_matches_reference(monkeypatch, layout, kind, window, path, heads, kv_heads):
+    """by-rule: these short decode contexts go padded (prefer_padded), prefill per sequence."""
+    if path == "per-sequence":
+        monkeypatch.setattr(attention_cpu, "prefer_padded", lambda group, k_cache: False)
     spans = SPANS[kind]
     case = make_case(4, 4, heads, kv_heads, 16, spans, num_blocks=60, layout=layout)
-    out = run_backend(case, spans, window, host_tables)
+    out = run_backend(case, spans, window, host_tables=path != "no-host-tables")
     query, k_cache, v_cache, tables = case[:4]
     expected = reference(query, k_cache, v_cache, tables, [c for c, _ in spans], [q for _, q in spans], 0.25, window)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def _decode_group(contexts: list[int], block_size: int = 16, query_len: int = 1):
+    tables = [list(range(-(-c // block_size))) for c in contexts]
+    width = max(len(t) for t in tables)
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    starts = torch.arange(0, query_len * len(contexts) + 1, query_len, dtype=torch.int32)
+    return SpanGroup(0, query_len * len(contexts), padded, torch.tensor(contexts, dtype=torch.int32), starts,
+                     query_len, query_lens=[query_len] * len(contexts) if query_len > 1 else None,
+                     host_tables=tables, host_context_lens=contexts)
+
+
+def test_padded_decode_is_chosen_for_many_short_contexts_only():
+    cache = torch.empty(64, 16, 3, 64, dtype=torch.bfloat16)  # 768 bytes of K+V per key
+    keys_allowed = attention_cpu.PADDED_MAX_ROW_BYTES // (2 * 3 * 64 * 2)
+    short, long_ = keys_allowed // 2, keys_allowed + 16
+    assert attention_cpu.prefer_padded(_decode_group([short] * 16), cache)
+    assert not attention_cpu.prefer_padded(_decode_group([short] * 16), cache.float())  # twice the bytes per key
+    assert not attention_cpu.prefer_padded(_decode_group([short]), cache)  # one row
+    assert not attention_cpu.prefer_padded(_decode_group([short] * 15 + [long_]), cache)  # padded to the longest
+    assert not attention_cpu.prefer_padded(_decode_group([short] * 16, query_len=3), cache)  # prefill chunks
+
+
+def test_the_choice_is_made_once_per_step(monkeypatch):
+    calls = []
+    monkeypatch.setattr(attention_cpu, "prefer_padded", lambda group, k_cache: calls.append(1) or True)
+    spans = SPANS["decode"]
+    query, k_cache, v_cache, tables, padded, starts = make_case(4, 4, 4, 2, 16, spans, num_blocks=60)
+    ctx = [c for c, _ in spans]
+    group = SpanGroup(0, len(spans), padded, torch.tensor(ctx, dtype=torch.int32), starts, 1,
+                      host_tables=tables, host_context_lens=ctx)
+    backend, out = TorchBackend(query.dtype, query.device), torch.empty_like(query)
+    for _layer in range(3):
+        backend.attend(group, query, k_cache, v_cache, out, 0.25, None)
+    assert calls == [1] and group.cache["padded"] is True
 
 
 def test_runs_of_a_block_table():

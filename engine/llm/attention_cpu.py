@@ -14,9 +14,11 @@ one batched SDPA over contexts gathered into a padded buffer 53-85 ms; per-seque
   by their log-sum-exp, still without copying;
 - other contexts are gathered block by block into a small reused workspace that stays in cache.
 
-Without host block tables (the static buffers of decode graphs) a group is attended in one
-batched call: one `index_select` of whole blocks gathers every context, padded to the widest
-block table, and one SDPA call attends all sequences under a boolean mask derived once per step.
+Without host block tables (the static buffers of decode graphs), and for decode groups of many
+short contexts where one copy costs less than a call per row (`prefer_padded`), a group is
+attended in one batched call: one `index_select` of whole blocks gathers every context, padded to
+the widest block table, and one SDPA call attends all sequences under a boolean mask derived once
+per step.
 
 GQA is handled by folding the query heads that share a KV head into the query-length dimension
 ([S, kv_heads, group * q_len, head_dim]) instead of expanding K/V or passing `enable_gqa`: with a
@@ -34,6 +36,8 @@ import torch.nn.functional as F
 from engine.llm.attention import SpanGroup
 
 MAX_RUNS = 4  # decode contexts in up to this many runs of blocks are attended without a copy
+PADDED_MIN_ROWS = 4  # decode groups of this many rows or more whose padded K/V per row stay under
+PADDED_MAX_ROW_BYTES = 256 * 2**10  # this run padded in one call (see prefer_padded)
 _flash_with_lse = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
@@ -158,9 +162,33 @@ def _merge(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch.Tensor:
     return (torch.stack(outs).float() * weights).sum(0)
 
 
+def prefer_padded(group: SpanGroup, k_cache: torch.Tensor) -> bool:
+    """Whether a decode group with host block tables runs faster padded than per sequence.
+
+    The per-sequence path pays a fixed cost per row (Python, one SDPA call: ~20-25 us); the padded
+    path pays one copy of every row's context, padded to the longest. So padding wins when a row's
+    padded K/V are small next to that fixed cost, and with enough rows to spread its own per-call
+    work; one row never gains. Measured on a noisy 2-core machine, one thread, bf16, head_dim 64,
+    padded / per-sequence time of a whole decode step (`benchmarks/cpu_decode.py`, contiguous
+    contexts, 16 and 64 rows):
+    hidden 512 x 8 layers, 8 q/8 kv heads (2 KiB of K+V per key): 96 keys 0.95-1.0, 192 keys
+    1.05-1.08, 320 keys 1.11-1.22; SmolLM2's shape, 30 layers, 9 q/3 kv heads (768 B per key):
+    128 keys 0.85-0.94, 320 keys 0.95-0.98, 512 keys 1.01. So the line is at about 256 KiB of padded
+    K/V per row. One layer alone (`benchmarks/cpu_attention.py`) puts it lower (~160 KiB), and with
+    32 q/8 kv heads similar. Multi-query groups (prefill chunks) stay per sequence: forced padded,
+    the SmolLM2-shaped model's prefill steps took 1.5x longer.
+    """
+    if group.max_query_len != 1 or group.num_seqs < PADDED_MIN_ROWS:
+        return False
+    block_size, kv_heads, head_dim = k_cache.shape[1:]
+    row_bytes = 2 * group.block_tables.shape[1] * block_size * kv_heads * head_dim * k_cache.element_size()
+    return row_bytes <= PADDED_MAX_ROW_BYTES
+
+
 class TorchBackend:
-    """Per-sequence attention over views of the cache when host block tables are known, else one
-    padded, masked SDPA call per span group and layer."""
+    """Per-sequence attention over views of the cache when host block tables are known, else (or
+    for many short decode contexts, see prefer_padded) one padded, masked SDPA call per span group
+    and layer."""
 
     def __init__(self, dtype: torch.dtype, device: torch.device):
         self.workspace = Workspace(dtype, device)
@@ -171,7 +199,9 @@ class TorchBackend:
 
     def attend(self, group: SpanGroup, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                out: torch.Tensor, scale: float, window: int | None) -> None:
-        if group.host_tables is None:
+        if "padded" not in group.cache:  # decided once per step, for every layer
+            group.cache["padded"] = group.host_tables is None or prefer_padded(group, k_cache)
+        if group.cache["padded"]:
             self.attend_padded(group, query, k_cache, v_cache, out, scale, window)
         else:
             self.attend_each(group, query, k_cache, v_cache, out, scale, window)

@@ -22,6 +22,7 @@ import torch
 from engine.llm import attention
 from engine.llm.attention import AttentionBatch, SpanGroup, allocate_kv
 from engine.llm.attention_cpu import TorchBackend
+from engine.llm.cpu_linear import pack_linears
 from engine.llm.sequence import Sequence
 
 
@@ -58,6 +59,7 @@ class ModelRunner:
                  max_num_seqs: int = 64, max_model_len: int = 2048):
         self.model = model
         self.device = next(model.parameters()).device
+        self.packed_linears = pack_linears(model)  # CPU bf16 only (cpu_linear.py); 0 elsewhere
         self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         self.block_size = block_size
         self.num_blocks = num_blocks
