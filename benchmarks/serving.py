@@ -124,14 +124,15 @@ def build_model_folder(folder: Path, hidden: int = 512, layers: int = 8, vocab_s
     return folder
 
 
-def write_models_yaml(path: Path, folder: Path, kv_cache_bytes: int, max_num_seqs: int, max_batched: int) -> None:
+def write_models_yaml(path: Path, folder: Path, kv_cache_bytes: int, max_num_seqs: int, max_batched: int,
+                      extra_limits: dict | None = None) -> None:
     """ember's registry for the benchmark: the folder as a local-weights version, loaded at start."""
     import yaml
 
     version = {"weights": str(folder), "kind": "text-generation", "dtype": "bfloat16", "placement": "cpu",
                "load": "eager",
                "limits": {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_batched,
-                          "kv_cache_bytes": kv_cache_bytes}}
+                          "kv_cache_bytes": kv_cache_bytes, **(extra_limits or {})}}
     path.write_text(yaml.safe_dump({"models": {SERVED_NAME: {"versions": [version]}}}, sort_keys=False))
 
 
@@ -491,6 +492,9 @@ def parse_args(argv=None):
     ap.add_argument("--kv-cache-mib", type=int, default=1024, help="KV budget of both servers")
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--ember-limit", action="append", default=[], metavar="KEY=VALUE",
+                    help="another LLMEngineConfig field for ember's version (YAML value), e.g. process=false "
+                         "to measure the in-process engine core, cpu_threads=1")
     ap.add_argument("--vllm-threads-bind", default=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}"),
                     help="VLLM_CPU_OMP_THREADS_BIND: the cores vLLM computes on; default all of them, as ember "
                          "does ('auto' keeps one core for vLLM's front end)")
@@ -514,6 +518,14 @@ def parse_args(argv=None):
                  "~/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec`, then pass "
                  "--vllm ~/vllm-venv/bin/vllm (or set VLLM_BIN); it also provides the load generator")
     args.vllm = shutil.which(args.vllm) or str(Path(args.vllm).resolve())
+    args.ember_limits = {}
+    for item in args.ember_limit:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--ember-limit takes KEY=VALUE, got {item!r}")
+        import yaml
+
+        args.ember_limits[key] = yaml.safe_load(value)
     return args
 
 
@@ -533,7 +545,8 @@ def main(argv=None) -> None:
 
     work = Path(tempfile.mkdtemp(prefix="ember-serving-bench-"))
     models_yaml = work / "models.yaml"
-    write_models_yaml(models_yaml, folder, args.kv_cache_mib * 2**20, args.max_num_seqs, args.max_num_batched_tokens)
+    write_models_yaml(models_yaml, folder, args.kv_cache_mib * 2**20, args.max_num_seqs, args.max_num_batched_tokens,
+                      args.ember_limits)
     runs: dict = {s: {c: [] for c in args.concurrency} for s in args.systems}
     starts: dict = {s: [] for s in args.systems}
     order = [s for _ in range(args.repeats) for s in args.systems]
