@@ -50,11 +50,19 @@ class LLMEngineConfig:
     # process on CPU, a thread on CUDA (sleep must free the weights' GPU memory, which the server
     # process owns).
     process: bool | None = None
-    # Intra-op threads of the loop on CPU. None: torch's default (all cores) in an engine process,
-    # 1 in a thread: OpenMP parallel regions started from a thread other than the process's main
-    # thread cost far more here (a decode step of 64 rows: 58 ms from the main thread with 2
-    # threads, 111-119 ms from a second thread with 2, 82-87 ms with 1).
+    # Intra-op threads of the loop on CPU; None: see default_cpu_threads.
     cpu_threads: int | None = None
+
+
+def default_cpu_threads(in_process: bool) -> int:
+    """In an engine process: every core torch would use but one, which is left to the server
+    process (HTTP, SSE, detokenization); an OpenMP region must wait for its slowest thread, so a
+    thread that shares its core with the server stalls every step (vLLM's CPU backend leaves a core
+    to its front end the same way). In a thread of the server process: 1, because OpenMP regions
+    started from a thread other than the process's main thread cost far more (a decode step of 64
+    rows: 58 ms from the main thread with 2 threads, 111-119 ms from a second thread with 2, 82-87
+    ms with 1)."""
+    return 1 if in_process else max(1, torch.get_num_threads() - 1)
 
 
 def kv_budget_bytes(total: int, free: int, used_by_process: int, utilization: float) -> int:
@@ -79,7 +87,7 @@ class LLMEngine:
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.eos_token_ids = self._eos_ids(model, tokenizer)
         self.in_process = not (cfg.process if cfg.process is not None else self.device.type == "cpu")
-        threads = cfg.cpu_threads if cfg.cpu_threads is not None else (1 if self.in_process else None)
+        threads = cfg.cpu_threads if cfg.cpu_threads is not None else default_cpu_threads(self.in_process)
         self.spec = CoreSpec(self.model, cfg, self.num_blocks, self.max_model_len, self.vocab_size,
                              self.eos_token_ids, threads)
         # The output side decodes with its own copy: a fast tokenizer shared across threads raises
