@@ -200,3 +200,59 @@ def test_close_ends_requests_in_flight_and_refuses_new_ones(llama, tokenizer):
     with pytest.raises(ModelUnavailable):  # a request after (or racing) shutdown errors, never hangs
         asyncio.run(asyncio.wait_for(collect(engine, GenerationRequest("late", prompt, greedy(2))), timeout=30))
     engine.close()  # idempotent
+
+
+# ------------------------------------------------------------------------------ through HTTP
+
+
+def _llm(server):
+    """The served tiny chat model's engine (loaded by a first request)."""
+    engine = server.server.config.app.state.engine
+    state = engine.pool.states[engine.registry.resolve("ember/tiny-chat").id]
+    return state.loaded.worker
+
+
+def test_http_serving_runs_the_engine_process_and_survives_its_crash(fresh_server):
+    """`ember serve` on CPU serves from an engine process: streaming, stop strings and cancel work
+    through it; a killed engine process fails the request in flight with an error, the next request
+    loads the model again, and shutting the server down stops the process."""
+    import openai
+
+    from tests.conftest import API_KEY
+
+    client = openai.OpenAI(base_url=f"{fresh_server.url}/v1", api_key=API_KEY, max_retries=0)
+    ask = {"model": "ember/tiny-chat", "messages": [{"role": "user", "content": "Say something."}],
+           "temperature": 0, "max_tokens": 24, "extra_body": {"ignore_eos": True}}
+    full = client.chat.completions.create(**ask).choices[0].message.content
+    llm = _llm(fresh_server)
+    assert not llm.in_process and llm.core.process.is_alive()
+
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(**ask, stream=True)
+                       if chunk.choices)
+    assert streamed == full
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    cut = client.chat.completions.create(**ask, stop=[stop]).choices[0]
+    assert cut.finish_reason == "stop" and cut.message.content == full[:full.index(stop)]
+
+    stream = client.chat.completions.create(**{**ask, "max_tokens": 400}, stream=True)
+    next(iter(stream))
+    stream.close()  # the client goes away: the engine process aborts the request and frees its blocks
+    for _ in range(200):
+        stats = llm.stats()
+        if stats["active_requests"] == 0 and stats["num_free_blocks"] == stats["num_total_blocks"]:
+            break
+        threading.Event().wait(0.05)
+    assert stats["active_requests"] == 0 and stats["num_free_blocks"] == stats["num_total_blocks"]
+
+    stream = client.chat.completions.create(**{**ask, "max_tokens": 400}, stream=True)
+    chunks = iter(stream)
+    next(chunks)
+    os.kill(llm.core.process.pid, signal.SIGKILL)
+    with pytest.raises(openai.APIError, match="exited unexpectedly"):
+        for _ in chunks:
+            pass
+    assert client.chat.completions.create(**ask).choices[0].message.content == full  # loaded again
+    reloaded = _llm(fresh_server)
+    assert reloaded is not llm and reloaded.alive
+    fresh_server.stop()
+    assert reloaded.core.process.exitcode == 0
