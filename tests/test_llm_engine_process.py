@@ -44,6 +44,8 @@ def test_cpu_engines_run_their_core_in_a_process_by_default(llama, tokenizer):
     engine = LLMEngine(llama, tokenizer, LLMEngineConfig(kv_cache_bytes=1 << 22))
     try:
         assert not engine.in_process and engine.core.process.is_alive()
+        assert engine.stats()["num_total_blocks"] > 0  # known before any step
+        assert_idle(engine)
         assert engine.core.call("threads") == max(1, torch.get_num_threads() - 1)  # a core left to the server
         with pytest.raises(AttributeError, match="own process"):
             engine.runner

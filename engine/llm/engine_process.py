@@ -15,9 +15,9 @@ The two sides talk over one duplex pipe of pickled tuples, narrow on purpose:
                      ("finish", request_id, choice index, reason)   a stop string ended a choice
                      ("call", call_id, name)                      "sleep" | "wake" | "threads"
                      ("close",)
-  engine -> server   ("ready", {"kv_cache_bytes": int}) | ("failed", traceback text)
+  engine -> server   ("ready", {"kv_cache_bytes": int, "stats": dict}) | ("failed", traceback text)
                      ("step", [(request_id, [CoreOutput, ...]), ...], stats)   one per step
-                     ("reply", call_id, error text | None, value)
+                     ("reply", call_id, error text | None, value, stats)
                      ("closed",)
 
 `ProcessCore` is the server side. It offers the methods of `EngineCore` the facade (engine.py)
@@ -79,6 +79,7 @@ class ProcessCore:
         self._stats: dict = {}
         ready = self._await_ready()
         self._kv_cache_bytes: int = ready["kv_cache_bytes"]
+        self._stats = ready["stats"]
         self._reader = threading.Thread(target=self._read, name="ember-llm-core-reader", daemon=True)
         self._reader.start()
 
@@ -214,13 +215,19 @@ class ProcessCore:
                 break
             except Exception:  # noqa: BLE001 - an unreadable message: the pipe cannot be trusted
                 logger.exception("unreadable message from the LLM engine process")
+                self._kill()
                 break
-            kind = message[0]
-            if kind == "step":
-                self._deliver(message[1], message[2])
-            elif kind == "reply":
-                self._reply(*message[1:])
-            elif kind == "closed":
+            try:
+                kind = message[0]
+                if kind == "step":
+                    self._deliver(message[1], message[2])
+                elif kind == "reply":
+                    self._reply(*message[1:])
+                elif kind == "closed":
+                    break
+            except Exception:  # noqa: BLE001 - a message this side cannot handle: stop, never hang
+                logger.exception("bad message from the LLM engine process")
+                self._kill()
                 break
         self._ended()
 
@@ -247,8 +254,9 @@ class ProcessCore:
                 for state in gone:
                     self.abort(state.request_id)
 
-    def _reply(self, call_id: int, error: str | None, value: Any) -> None:
+    def _reply(self, call_id: int, error: str | None, value: Any, stats: dict) -> None:
         with self._lock:
+            self._stats = stats
             done, box = self._calls.pop(call_id, (None, None))
         if done is None:
             return
@@ -329,7 +337,7 @@ class _EngineProcess:
 
     def run(self) -> None:
         self.core.setup_thread()
-        self.conn.send(("ready", {"kv_cache_bytes": kv_cache_bytes(self.core.runner)}))
+        self.conn.send(("ready", {"kv_cache_bytes": kv_cache_bytes(self.core.runner), "stats": self.core.stats()}))
         while not self.closing:
             while not self.closing and self.conn.poll():
                 self.handle(self.conn.recv())
@@ -394,9 +402,9 @@ class _EngineProcess:
                 value = torch.get_num_threads()
             else:
                 raise ValueError(f"unknown call {name!r}")
-            reply = ("reply", call_id, None, value)
+            reply = ("reply", call_id, None, value, self.core.stats())
         except Exception as exc:  # noqa: BLE001 - handed back to the caller
-            reply = ("reply", call_id, f"{type(exc).__name__}: {exc}", None)
+            reply = ("reply", call_id, f"{type(exc).__name__}: {exc}", None, self.core.stats())
         self.conn.send(reply)
 
 
