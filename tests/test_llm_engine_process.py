@@ -258,3 +258,27 @@ def test_http_serving_runs_the_engine_process_and_survives_its_crash(fresh_serve
     assert reloaded is not llm and reloaded.alive
     fresh_server.stop()
     assert reloaded.core.process.exitcode == 0
+
+
+def test_bf16_tied_weights_cross_as_one_shared_tensor(tokenizer):
+    """The weights reach the engine process through shared memory without a copy: a bf16 model
+    with tied embeddings decodes there exactly as transformers does here, and stays tied."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    prompt = list(range(20, 60))
+    with torch.inference_mode():
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                  eos_token_id=None)[0, len(prompt):].tolist()
+    engine = process_engine(model, tokenizer)
+    try:
+        got = run_all(engine, [GenerationRequest("tied", prompt, greedy(12, ignore_eos=True))])[0][0]
+    finally:
+        engine.close()
+    assert tokens_of(got) == expected
+    assert model.lm_head.weight.is_shared()
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
