@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--cpu-attention", choices=["auto", "each", "padded"], default="auto",
                         help="force the CPU attention backend's decode path (auto: its own rule)")
     parser.add_argument("--sampling", action="store_true", help="temperature 0.8, top_p 0.9, repetition 1.1")
+    parser.add_argument("--threads", type=int, help="intra-op threads of the step thread (default 1)")
     args = parser.parse_args()
 
     import torch
@@ -74,8 +75,11 @@ def main() -> None:
     torch.manual_seed(0)
     model = (build_model("cpu") if args.shape == "bench" else smollm2_shape()).to(getattr(torch, args.dtype))
     tokenizer = build_tokenizer(model.config.vocab_size)
+    # The core runs in a thread of this process here (process=False), so its steps can be timed
+    # from inside; the serving benchmark measures the engine process.
     engine = LLMEngine(model, tokenizer, LLMEngineConfig(kv_cache_bytes=1024 * 2**20, max_num_seqs=args.concurrency,
-                                                         max_num_batched_tokens=2048))
+                                                         max_num_batched_tokens=2048, process=False,
+                                                         cpu_threads=args.threads))
     # The step loop lives on the engine core where there is one, else on the engine itself.
     loop_owner = getattr(engine, "core", engine)
     caller = importlib.import_module(type(loop_owner).__module__)

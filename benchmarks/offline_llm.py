@@ -254,8 +254,10 @@ def run_probe(engine, work, label) -> tuple[int, float, float]:
 def fragment_benchmark(model, tokenizer, args) -> dict:
     from engine.llm.engine import LLMEngine, LLMEngineConfig
 
+    # In-process core: the probe counts block runs inside the runner.
     config = LLMEngineConfig(kv_cache_bytes=args.kv_cache_mib * 2**20 if args.device == "cpu" else None,
-                             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batch_tokens)
+                             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batch_tokens,
+                             process=False)
     probe = make_workload(64, args.seed, model.config.vocab_size, (128, 256), (16, 32) if args.quick else (64, 128))
     # Warm-up on a throwaway engine: the first pass through new GEMM/attention shapes pays one-off
     # costs (measured ~2x slower) that would otherwise land on the fresh run only.

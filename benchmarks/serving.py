@@ -176,12 +176,12 @@ def build_llama3_8b_folder(folder: Path) -> Path:
 
 
 def write_models_yaml(path: Path, folder: Path, kv_cache_bytes: int | None, max_num_seqs: int, max_batched: int,
-                      placement: str = "cpu") -> None:
+                      placement: str = "cpu", extra_limits: dict | None = None) -> None:
     """ember's registry for the benchmark: the folder as a local-weights version, loaded at start
     (on a GPU without a KV byte budget: the engine takes its share of the device)."""
     import yaml
 
-    limits = {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_batched}
+    limits = {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_batched, **(extra_limits or {})}
     if kv_cache_bytes is not None:
         limits["kv_cache_bytes"] = kv_cache_bytes
     version = {"weights": str(folder), "kind": "text-generation", "dtype": "bfloat16", "placement": placement,
@@ -574,6 +574,9 @@ def parse_args(argv=None):
     ap.add_argument("--kv-cache-mib", type=int, default=1024, help="KV budget of both servers")
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--ember-limit", action="append", default=[], metavar="KEY=VALUE",
+                    help="another LLMEngineConfig field for ember's version (YAML value), e.g. process=false "
+                         "to measure the in-process engine core, cpu_threads=1")
     ap.add_argument("--vllm-threads-bind", default=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}"),
                     help="VLLM_CPU_OMP_THREADS_BIND: the cores vLLM computes on; default all of them, as ember "
                          "does ('auto' keeps one core for vLLM's front end)")
@@ -602,6 +605,14 @@ def parse_args(argv=None):
                  "~/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec`, then pass "
                  "--vllm ~/vllm-venv/bin/vllm (or set VLLM_BIN); it also provides the load generator")
     args.vllm = shutil.which(args.vllm) or str(Path(args.vllm).resolve())
+    args.ember_limits = {}
+    for item in args.ember_limit:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--ember-limit takes KEY=VALUE, got {item!r}")
+        import yaml
+
+        args.ember_limits[key] = yaml.safe_load(value)
     return args
 
 
@@ -624,7 +635,8 @@ def main(argv=None) -> None:
     work = Path(tempfile.mkdtemp(prefix="ember-serving-bench-"))
     models_yaml = work / "models.yaml"
     write_models_yaml(models_yaml, folder, args.kv_cache_mib * 2**20 if args.device == "cpu" else None,
-                      args.max_num_seqs, args.max_num_batched_tokens, placement=args.device)
+                      args.max_num_seqs, args.max_num_batched_tokens, placement=args.device,
+                      extra_limits=args.ember_limits)
     runs: dict = {s: {c: [] for c in args.concurrency} for s in args.systems}
     starts: dict = {s: [] for s in args.systems}
     order = [s for _ in range(args.repeats) for s in args.systems]

@@ -350,6 +350,10 @@ class ModelPool:
                 state = self.state(version)
                 waiter = self.transitions.get(version.id)
                 if waiter is None:
+                    dead = self._detach_if_dead(state)
+                    if dead is not None:
+                        log.warning("%s: its worker died; loading it again", version.ref)
+                        threading.Thread(target=dead.close, name="ember-pool-close", daemon=True).start()
                     if state.status == "ready" and state.loaded is not None:
                         state.in_use += 1
                         self._touch(state)
@@ -383,6 +387,17 @@ class ModelPool:
             self.transitions.pop(version.id).set()
         self._emit(PoolEvent(kind, version, time.perf_counter() - start))
         phase("ready")
+        return loaded
+
+    @staticmethod
+    def _detach_if_dead(state: VersionState) -> Loaded | None:
+        """A ready or sleeping version whose worker has died (an LLM engine process killed: `alive`
+        turned False) becomes unloaded, so this acquire loads it again; returns the dead one to close."""
+        loaded = state.loaded
+        if state.status not in ("ready", "sleeping") or loaded is None or getattr(loaded.worker, "alive", True):
+            return None
+        state.loaded = state.asleep = None
+        state.status, state.memory, state.awake_memory, state.in_use = "unloaded", {}, {}, 0
         return loaded
 
     def release(self, version: Version, keep_alive: float | None = None) -> None:

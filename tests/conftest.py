@@ -21,6 +21,8 @@ if "TRITON_INTERPRET" not in os.environ:
 
 pytest_plugins = ["tests.llm_fixtures", "tests.video_fixtures", "tests.pg_fixtures"]
 
+# The tiny chat model's engine process computes with one thread (limits below): test machines are
+# often shared, and an OpenMP thread that loses its core stalls every step of a multi-thread one.
 API_KEY = "sk-test-key-one"
 OTHER_KEY = "sk-test-key-two"
 
@@ -34,7 +36,7 @@ models:
         dtype: float32
         placement: cpu
         default_inputs: {max_new_tokens: 16, temperature: 0.7}
-        limits: {max_num_seqs: 32, kv_cache_bytes: 33554432, max_model_len: 512}
+        limits: {max_num_seqs: 32, kv_cache_bytes: 33554432, max_model_len: 512, cpu_threads: 1}
   ember/tiny-i2v:
     versions:
       - weights: demo:tiny-i2v

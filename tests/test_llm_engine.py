@@ -441,7 +441,8 @@ def test_the_step_thread_uses_the_configured_cpu_threads(llama, tokenizer):
         pytest.skip("a CPU setting")
     caller = torch.get_num_threads()
     for threads in (1, 2):
-        engine = LLMEngine(llama, tokenizer, LLMEngineConfig(kv_cache_bytes=1 << 22, cpu_threads=threads))
+        engine = LLMEngine(llama, tokenizer, LLMEngineConfig(kv_cache_bytes=1 << 22, cpu_threads=threads,
+                                                             process=False))
         try:
             assert engine.core.call(torch.get_num_threads) == threads
         finally:

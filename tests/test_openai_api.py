@@ -46,7 +46,7 @@ def forced_output(monkeypatch):
     tokens are forced through the constraint hook, so detokenizing, streaming and tool-call
     parsing all run for real."""
     from engine import text_task
-    from engine.llm.constraints import ForcedTokens
+    from engine.llm.constraints import ForcedTokensFactory
 
     original = text_task.prepare
 
@@ -54,7 +54,7 @@ def forced_output(monkeypatch):
         def prepare(task, job, version, tokenizer, max_model_len):
             prepared = original(task, job, version, tokenizer, max_model_len)
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            prepared.request.constraint_factory = lambda index: ForcedTokens(ids)
+            prepared.request.constraint_factory = ForcedTokensFactory(tuple(ids))
             return prepared
 
         monkeypatch.setattr(text_task, "prepare", prepare)

@@ -8,6 +8,7 @@ Grammar engines (JSON schema, tool-call formats) plug in by implementing these t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -44,3 +45,14 @@ class ForcedTokens:
 
     def is_done(self) -> bool:
         return self.pos >= len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class ForcedTokensFactory:
+    """`factory(choice_index) -> ForcedTokens`: a plain picklable object, so it can cross to the
+    engine process (a lambda cannot)."""
+
+    token_ids: tuple[int, ...]
+
+    def __call__(self, index: int) -> ForcedTokens:
+        return ForcedTokens(list(self.token_ids))

@@ -6,10 +6,13 @@ choice at the token level (stop token ids, a finished constraint, max_new_tokens
 and delta building happen on the consumer side (output.py); when a stop string ends a choice
 there, the consumer calls `finish_choice` and the core frees that choice's blocks at its next step.
 
-The loop runs in one background thread. It talks to the rest of the process through two channels
-only: the inbox (requests, aborts, finished choices; a deque plus an Event to wake the loop) and,
-per request, an asyncio queue filled through `loop.call_soon_threadsafe` once per step. All
-scheduler, block and sequence state is touched by the loop thread alone.
+The loop runs in one thread: a background thread of the server process (in-process mode), or the
+main thread of the engine's own process (engine_process.py drives `run_once` there). It talks to
+the rest of the world through two channels only: the inbox (requests, aborts, finished choices; a
+deque plus an Event to wake the loop) and a sink that receives each step's outputs at once. The
+default sink hands them to each request's asyncio queue through `loop.call_soon_threadsafe`, one
+wake-up per event loop per step; the engine process's sink sends them to the server process in one
+message. All scheduler, block and sequence state is touched by the loop's thread alone.
 
 An exception in the forward pass fails the requests in that step; a row that cannot sample (a
 constraint that allows nothing, a token the constraint refuses) fails its own request only.
@@ -55,8 +58,8 @@ class CoreOutput:
 @dataclass(eq=False)
 class CoreRequest:
     request: GenerationRequest
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue  # receives list[CoreOutput] once per step
+    loop: asyncio.AbstractEventLoop | None  # None in the engine process: its sink sends outputs away
+    queue: asyncio.Queue | None  # receives list[CoreOutput] once per step
     arrival: int = 0
     seqs: list[Sequence] = field(default_factory=list)
     done: set[int] = field(default_factory=set)  # choice indices that got their final output
@@ -78,9 +81,13 @@ def choice_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+Sink = Callable[["dict[CoreRequest, list[CoreOutput]]"], None]
+
+
 class EngineCore:
     def __init__(self, runner, scheduler: Scheduler, *, eos_token_ids: frozenset[int], max_model_len: int,
-                 block_size: int, vocab_size: int, cpu_threads: int | None = None):
+                 block_size: int, vocab_size: int, cpu_threads: int | None = None, sink: Sink | None = None,
+                 thread: bool = True):
         self.runner = runner
         self.cpu_threads = cpu_threads
         self.scheduler = scheduler
@@ -101,8 +108,11 @@ class EngineCore:
         self._next_arrival = 0
         self.counters: defaultdict[str, int] = defaultdict(int)
         self._pending: dict[CoreRequest, list[CoreOutput]] = {}  # this step's outputs
-        self._thread = threading.Thread(target=self._loop, name="ember-llm-engine", daemon=True)
-        self._thread.start()
+        self._sink = sink or self._deliver_to_loops
+        self._thread: threading.Thread | None = None
+        if thread:
+            self._thread = threading.Thread(target=self._loop, name="ember-llm-engine", daemon=True)
+            self._thread.start()
 
     # -- called from any thread ----------------------------------------------------------------
 
@@ -122,6 +132,10 @@ class EngineCore:
             state = self._active.get(request_id)
         if state is not None:
             self._send("abort", state)
+
+    def active(self, request_id: str) -> CoreRequest | None:
+        with self._lock:
+            return self._active.get(request_id)
 
     def abort_request(self, state: CoreRequest) -> None:
         self._send("abort", state)
@@ -162,6 +176,11 @@ class EngineCore:
         return len(self._inbox)
 
     @property
+    def num_waiting(self) -> int:
+        """Requests not yet running: in the inbox or waiting in the scheduler."""
+        return len(self._inbox) + self.scheduler.num_waiting
+
+    @property
     def num_active(self) -> int:
         return len(self._active)
 
@@ -169,29 +188,61 @@ class EngineCore:
         """Stop the loop thread; requests still in flight end with "abort"."""
         self._closing = True
         self._wake.set()
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join()
+        thread = self._thread
+        if thread is not None and thread.is_alive() and threading.current_thread() is not thread:
+            thread.join()
+
+    def stats(self) -> dict:
+        """Counters of the loop's state (read without locks: a snapshot, possibly a step old)."""
+        bm = self.scheduler.bm
+        return {
+            "num_free_blocks": bm.num_free_blocks,
+            "num_total_blocks": bm.num_blocks,
+            "running": len(self.scheduler.running),
+            "waiting": self.scheduler.num_waiting + len(self._inbox),
+            "active_requests": len(self._active),
+            "steps": self.counters["steps"],
+            "prompt_tokens": self.counters["prompt_tokens"],
+            "generation_tokens": self.counters["generation_tokens"],
+            "prefix_cache_hit_tokens": bm.prefix_hit_tokens,
+            "preemptions": self.scheduler.num_preemptions,
+            "failed_steps": self.counters["failed_steps"],
+        }
 
     # -- the loop thread -----------------------------------------------------------------------
 
-    def _loop(self) -> None:
+    def setup_thread(self) -> None:
+        """Per-thread torch settings of the thread that runs the loop."""
         torch.set_grad_enabled(False)
         if self.cpu_threads and self.runner.device.type == "cpu":
             torch.set_num_threads(self.cpu_threads)
+
+    def _loop(self) -> None:
+        self.setup_thread()
         while not self._closing:
-            self._drain_inbox()
-            if not self.scheduler.has_work():
-                self._flush()  # aborts handled in the inbox still owe their final outputs
+            if not self.run_once():
                 self._wake.wait()
                 self._wake.clear()
-                continue
-            try:
-                self._step()
-            except Exception:  # a bug in bookkeeping: fail what is in flight, keep serving
-                logger.exception("LLM engine step failed")
-                for state in self._active_states():
-                    self._end_request(state, "error", "internal error in the engine step")
-            self._flush()
+        self.shut_down()
+
+    def run_once(self) -> bool:
+        """Handle the inbox, run one step if there is work, and hand its outputs to the sink.
+        False when there was nothing to run (the caller may wait for the inbox)."""
+        self._drain_inbox()
+        if not self.scheduler.has_work():
+            self._flush()  # aborts handled in the inbox still owe their final outputs
+            return False
+        try:
+            self._step()
+        except Exception:  # a bug in bookkeeping: fail what is in flight, keep serving
+            logger.exception("LLM engine step failed")
+            for state in self._active_states():
+                self._end_request(state, "error", "internal error in the engine step")
+        self._flush()
+        return True
+
+    def shut_down(self) -> None:
+        """Accept nothing more; requests still in flight end with "abort"."""
         with self._lock:
             self._stopped = True
         self._drain_inbox()
@@ -384,11 +435,15 @@ class EngineCore:
         self._pending.setdefault(state, []).append(output)
 
     def _flush(self) -> None:
+        if self._pending:
+            pending, self._pending = self._pending, {}
+            self._sink(pending)
+
+    def _deliver_to_loops(self, pending: dict[CoreRequest, list[CoreOutput]]) -> None:
         """Hand this step's outputs to their event loops: one wake-up per loop per step."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
-        for state, outputs in self._pending.items():
+        for state, outputs in pending.items():
             by_loop[state.loop].append((state.queue, outputs))
-        self._pending = {}
         for loop, items in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_deliver, items)

@@ -158,3 +158,9 @@ def _release_replaced_weights(model: nn.Module) -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def packed_bytes(model: nn.Module) -> int:
+    """Bytes of the packed weight copies in `model` (0 when nothing is packed)."""
+    return sum(m.packed_weight.numel() * m.packed_weight.element_size()
+               for m in model.modules() if isinstance(m, PackedLinear))

@@ -1,10 +1,12 @@
 """The LLM engine: continuous batching over a paged KV cache, with per-request sampling.
 
-Split as vLLM V1 splits it: the engine core (core.py) runs the step loop in its own thread and
-deals only in token ids; the output processor (output.py) runs in `generate()` on the caller's
-event loop and turns ids into text deltas (detokenization, stop strings, logprob text). This
-module wires them up and keeps the public API: `generate`, `abort`, `stats`, `close`, plus
-`memory_bytes` and `sleep`/`wake` for the model pool.
+Split as vLLM V1 splits it: the engine core (core.py) runs the step loop and deals only in token
+ids; the output processor (output.py) runs in `generate()` on the caller's event loop and turns ids
+into text deltas (detokenization, stop strings, logprob text). The core runs in its own process by
+default on CPU (engine_process.py: its loop on that process's main thread, away from the server's
+GIL) and in a thread of this process otherwise (`LLMEngineConfig.process`). This module wires them
+up and keeps the public API: `generate`, `abort`, `stats`, `close`, plus `memory_bytes` and
+`sleep`/`wake` for the model pool, and `alive` (False once an engine process has died).
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ from dataclasses import dataclass
 import torch
 
 from engine.errors import InvalidInput, ModelUnavailable, PromptTooLong, QueueFull
-from engine.llm.core import CoreRequest, EngineCore
+from engine.llm.build import CoreSpec, kv_cache_bytes
+from engine.llm.core import CoreRequest
 from engine.llm.kv_cache import BlockManager
 from engine.llm.output import RequestOutput, TokenTexts
 from engine.llm.runner import ModelRunner, kv_bytes_per_token
 from engine.llm.scheduler import Scheduler
 from engine.llm.types import GenerationDelta, GenerationRequest
-from engine.residency import park_weights, restore_weights
 
 logger = logging.getLogger("ember.llm")
 
@@ -45,11 +47,23 @@ class LLMEngineConfig:
     enable_prefix_caching: bool = True
     max_queue: int = 1024  # generate() raises QueueFull beyond this many waiting
     cuda_graphs: bool = True  # only on CUDA
-    # Intra-op threads of the step thread on CPU (None: torch's default). OpenMP parallel regions
-    # started from a thread other than the process's main thread cost far more here (a decode step
-    # of 64 rows: 58 ms from the main thread with 2 threads, 111-119 ms from the step thread with 2,
-    # 82-87 ms with 1), so one thread is the faster choice until the core runs in its own process.
-    cpu_threads: int | None = 1
+    # Run the engine core in its own process (True) or in a thread of this one (False). None: a
+    # process on CPU, a thread on CUDA (sleep must free the weights' GPU memory, which the server
+    # process owns).
+    process: bool | None = None
+    # Intra-op threads of the loop on CPU; None: see default_cpu_threads.
+    cpu_threads: int | None = None
+
+
+def default_cpu_threads(in_process: bool) -> int:
+    """In an engine process: every core torch would use (as vLLM's CPU backend does); the loop runs
+    on that process's main thread, where OpenMP regions are cheap. Measured on 2 cores (HTTP, 256 in
+    / 128 out): 2 threads there serve 1.2-1.4x the tok/s of the in-process core. On a machine other
+    jobs share, a thread that loses its core stalls every OpenMP region, so set `cpu_threads` to
+    leave a core free there. In a thread of the server process: 1, because OpenMP regions started
+    from a thread other than the process's main thread cost far more (a decode step of 64 rows: 58
+    ms from the main thread with 2 threads, 111-119 ms from a second thread with 2, 82-87 ms with 1)."""
+    return 1 if in_process else torch.get_num_threads()
 
 
 def kv_budget_bytes(total: int, free: int, used_by_process: int, utilization: float) -> int:
@@ -73,38 +87,44 @@ class LLMEngine:
         self.max_model_len: int = min(model_len, self.num_blocks * cfg.block_size)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.eos_token_ids = self._eos_ids(model, tokenizer)
+        self.in_process = not (cfg.process if cfg.process is not None else self.device.type == "cpu")
+        threads = cfg.cpu_threads if cfg.cpu_threads is not None else default_cpu_threads(self.in_process)
+        self.spec = CoreSpec(self.model, cfg, self.num_blocks, self.max_model_len, self.vocab_size,
+                             self.eos_token_ids, threads)
         # The output side decodes with its own copy: a fast tokenizer shared across threads raises
         # "Already borrowed" when one thread encodes with truncation/padding while another decodes.
         self._texts = TokenTexts(_private_copy(tokenizer))
         self._asleep = False
         self._parked: dict = {}  # weights parked in host memory while asleep (see engine/residency.py)
         self._started = time.monotonic()
-        self.core = EngineCore(self._new_runner(), self._new_scheduler(), eos_token_ids=self.eos_token_ids,
-                               max_model_len=self.max_model_len, block_size=cfg.block_size,
-                               vocab_size=self.vocab_size, cpu_threads=cfg.cpu_threads)
+        if self.in_process:
+            self.core = self.spec.new_core(thread=True)
+        else:
+            from engine.llm.engine_process import ProcessCore
 
-    def _new_runner(self) -> ModelRunner:
-        cfg = self.config
-        return ModelRunner(self.model, self.num_blocks, cfg.block_size, cuda_graphs=cfg.cuda_graphs,
-                           max_num_seqs=cfg.max_num_seqs, max_model_len=self.max_model_len)
+            self.core = ProcessCore(self.spec, tokenizer)
 
-    def _new_scheduler(self) -> Scheduler:
-        cfg = self.config
-        block_manager = BlockManager(self.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        return Scheduler(block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens,
-                         admission_reserve_blocks=max(1, self.num_blocks // 100))
+    @property
+    def alive(self) -> bool:
+        """False once the engine process has died: the model pool then loads the version again."""
+        return getattr(self.core, "alive", True)
+
+    def _in_process_core(self):
+        if not self.in_process:
+            raise AttributeError("the engine core runs in its own process (LLMEngineConfig.process)")
+        return self.core
 
     @property
     def runner(self) -> ModelRunner:
-        return self.core.runner
+        return self._in_process_core().runner
 
     @property
     def scheduler(self) -> Scheduler:
-        return self.core.scheduler
+        return self._in_process_core().scheduler
 
     @property
     def block_manager(self) -> BlockManager:
-        return self.core.scheduler.bm
+        return self._in_process_core().scheduler.bm
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -143,7 +163,7 @@ class LLMEngine:
         self._validate(request)
         if self._asleep:
             raise ModelUnavailable("the LLM engine is asleep")
-        if self.core.num_inbox + self.scheduler.num_waiting >= self.config.max_queue:
+        if self.core.num_waiting >= self.config.max_queue:
             raise QueueFull(f"more than {self.config.max_queue} requests are waiting")
         state = CoreRequest(request, asyncio.get_running_loop(), asyncio.Queue())
         self.core.add(state)
@@ -168,21 +188,10 @@ class LLMEngine:
         self.core.abort(request_id)
 
     def stats(self) -> dict:
-        c = self.core.counters
         return {
-            "num_free_blocks": self.block_manager.num_free_blocks,
-            "num_total_blocks": self.block_manager.num_blocks,
+            **self.core.stats(),
             "block_size": self.config.block_size,
             "max_model_len": self.max_model_len,
-            "running": len(self.scheduler.running),
-            "waiting": self.scheduler.num_waiting + self.core.num_inbox,
-            "active_requests": self.core.num_active,
-            "steps": c["steps"],
-            "prompt_tokens": c["prompt_tokens"],
-            "generation_tokens": c["generation_tokens"],
-            "prefix_cache_hit_tokens": self.block_manager.prefix_hit_tokens,
-            "preemptions": self.scheduler.num_preemptions,
-            "failed_steps": c["failed_steps"],
             "uptime_s": time.monotonic() - self._started,
         }
 
@@ -191,10 +200,7 @@ class LLMEngine:
         the model pool's per-device budget. Nothing while asleep."""
         if self._asleep:
             return {}
-        runner = self.runner
-        size = getattr(runner, "kv_cache_bytes", None)
-        if size is None:  # a runner that does not report its cache: count its KV tensor
-            size = runner.kv.numel() * runner.kv.element_size()
+        size = kv_cache_bytes(self.core.runner) if self.in_process else self.core.kv_cache_bytes()
         return {str(self.device): int(size)}
 
     def sleep(self) -> None:
@@ -203,35 +209,31 @@ class LLMEngine:
         until the step in progress ends: call them off the event loop (asyncio.to_thread)."""
         if self._asleep:
             return
-
-        def go_to_sleep():
-            if self.core.num_active:
-                raise RuntimeError("cannot sleep while requests are running")
-            self.core.runner = None
-            self._parked = park_weights([self.model])
-            self._asleep = True
-
-        self.core.call(go_to_sleep)
+        if self.in_process:
+            self._parked = self.core.call(lambda: self.spec.sleep(self.core))
+        else:
+            self.core.sleep()
+        self._asleep = True
 
     def wake(self) -> None:
         """Move the weights back and allocate a fresh KV cache (empty prefix cache)."""
         if not self._asleep:
             return
-
-        def wake_up():
-            restore_weights([self.model], self._parked)
-            self.core.runner = self._new_runner()
-            self.core.scheduler = self._new_scheduler()
-            self._asleep = False
-
-        self.core.call(wake_up)
+        if self.in_process:
+            self.core.call(lambda: self.spec.wake(self.core, self._parked))
+            self._parked = {}
+        else:
+            self.core.wake()
+        self._asleep = False
 
     def close(self) -> None:
-        """Stop the loop thread; requests still in flight end with "abort". The KV cache, the graphs
-        and their workspaces are released at once (on a GPU their memory goes back to the device),
-        so the next engine's budget is not measured against a closed engine's cache."""
+        """Stop the core (its thread or its process); requests still in flight end with "abort".
+        An in-process core's KV cache, graphs and workspaces are released at once (on a GPU their
+        memory goes back to the device), so the next engine's budget is not measured against a
+        closed engine's cache; an engine process takes them with it when it exits."""
         self.core.close()
-        self.core.runner = None
+        if self.in_process:
+            self.core.runner = None
         if self.device.type == "cuda":
             gc.collect()  # the runner and its graphs refer to each other: free them now, not at some later gc
             torch.cuda.empty_cache()

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import threading
 import weakref
-from typing import Callable
 
 import torch
 import xgrammar as xgr
@@ -213,11 +212,33 @@ def output_grammar(response_format: dict | None, tools: list[dict] | None, tool_
                        param="response_format")
 
 
+class GrammarFactory:
+    """`factory(choice_index) -> GrammarConstraint` for one grammar, compiled once on first use.
+
+    `spec` (the grammar serialized by xgrammar) is what crosses to the engine process: compiled
+    grammars and matchers cannot be pickled, so that process builds its own factory from the spec
+    with its own tokenizer, and compiles there."""
+
+    def __init__(self, tokenizer, spec: str):
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self._compiled: tuple[xgr.CompiledGrammar, torch.Tensor] | None = None
+        self._lock = threading.Lock()
+
+    def compiled(self) -> tuple[xgr.CompiledGrammar, torch.Tensor]:
+        with self._lock:
+            if self._compiled is None:
+                compiled = compiler_for(self.tokenizer).compile_grammar(xgr.Grammar.deserialize_json(self.spec))
+                self._compiled = compiled, json_safe_tokens(self.tokenizer, compiled)
+            return self._compiled
+
+    def __call__(self, index: int) -> GrammarConstraint:
+        return GrammarConstraint(*self.compiled())
+
+
 def constraint_factory(tokenizer, response_format: dict | None, tools: list[dict] | None,
-                       tool_choice) -> Callable[[int], GrammarConstraint] | None:
+                       tool_choice) -> GrammarFactory | None:
     grammar = output_grammar(response_format, tools, tool_choice)
     if grammar is None:
         return None
-    compiled = compiler_for(tokenizer).compile_grammar(grammar)
-    safe = json_safe_tokens(tokenizer, compiled)
-    return lambda index: GrammarConstraint(compiled, safe)
+    return GrammarFactory(tokenizer, grammar.serialize_json())
