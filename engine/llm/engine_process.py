@@ -34,6 +34,7 @@ If the engine process dies, every request in flight ends with an error, nothing 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import dataclasses
 import itertools
 import logging
@@ -271,7 +272,7 @@ class ProcessCore:
         """The engine process has stopped (closed, or died): end everything still waiting on it."""
         self.process.join(CLOSE_TIMEOUT_S if self._closing else 5)
         with self._lock:
-            expected = self._closing
+            expected = self._closing or _interpreter_exiting
             self.alive = False
             states, self._active = list(self._active.values()), {}
             calls, self._calls = list(self._calls.values()), {}
@@ -293,6 +294,17 @@ class ProcessCore:
         for done, box in calls:
             box["error"] = ModelUnavailable(message)
             done.set()
+
+
+_interpreter_exiting = False
+
+
+@atexit.register
+def _note_interpreter_exit() -> None:
+    """Registered after multiprocessing's own exit hook, so it runs first: engine processes that
+    end because the server is exiting are not reported as crashes."""
+    global _interpreter_exiting
+    _interpreter_exiting = True
 
 
 def _constraint_message(factory) -> tuple[str, Any] | None:
