@@ -113,7 +113,6 @@ def main(argv=None) -> None:
         smi = torch.cuda.mem_get_info()
     finally:
         stop(server)
-        log = (work / "server.log").read_text()[-3000:]
         shutil.rmtree(work, ignore_errors=True)
     a, t, v = result["llm_alone"], result["llm_with_video"], result["video"]
     print(f"LLM alone:      {a['output_throughput']:8.1f} tok/s  TPOT p50 {a['median_tpot_ms']:6.1f} ms  "
@@ -124,7 +123,7 @@ def main(argv=None) -> None:
     report = {"device": device_label("cuda"), "ready_s": ready, "steps": args.steps, "kv_gib": args.kv_gib,
               **{k: {key: val for key, val in r.items() if key != "output_lens"} if isinstance(r, dict) else r
                  for k, r in result.items()},
-              "models": status, "device_free_total_bytes": list(smi), "server_log_tail": log}
+              "models": status, "device_free_total_bytes": list(smi)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"two_models_{report['device']}.json"
     path.write_text(json.dumps(report, indent=2, default=str))
