@@ -15,11 +15,11 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import statistics
 import time
 from dataclasses import dataclass, field
 
 import httpx
+import numpy as np
 
 
 @dataclass
@@ -78,15 +78,6 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str, out
     return result
 
 
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
-
-
 def summarise(results: list[RequestResult], duration: float) -> dict:
     """The result JSON keys of `vllm bench serve` that benchmarks/serving.py reads."""
     done = [r for r in results if r.ok]
@@ -100,9 +91,9 @@ def summarise(results: list[RequestResult], duration: float) -> dict:
            "errors": sorted({r.error for r in results if r.error})[:5]}
     out["output_throughput"] = out["total_output_tokens"] / duration if duration else 0.0
     for metric, values in per.items():
-        out[f"mean_{metric}_ms"] = statistics.fmean(values) if values else 0.0
-        out[f"median_{metric}_ms"] = _percentile(values, 50)
-        out[f"p99_{metric}_ms"] = _percentile(values, 99)
+        stats = (np.mean(values), *np.percentile(values, [50, 99])) if values else (0.0, 0.0, 0.0)
+        for name, value in zip(("mean", "median", "p99"), stats):
+            out[f"{name}_{metric}_ms"] = float(value)
     return out
 
 

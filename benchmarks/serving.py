@@ -50,7 +50,7 @@ RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `python benchmarks/serving.py` too
 
-from benchmarks.common import device_label  # noqa: E402
+from benchmarks.common import build_once, device_label  # noqa: E402
 
 SERVED_NAME = "bench/serving-llama"
 INPUT_LEN, OUTPUT_LEN = 256, 128
@@ -96,32 +96,35 @@ def build_tokenizer(folder: Path, vocab_size: int):
     return fast
 
 
-def build_model_folder(folder: Path, hidden: int = 512, layers: int = 8, vocab_size: int = 32000) -> Path:
-    """A random-weight Llama in bf16 safetensors with a matching tokenizer; built once, then reused."""
+def save_random_llama(folder: Path, tokenizer, device: str = "cpu", **shape) -> None:
+    """A random-weight Llama of `shape` (LlamaConfig fields) in bf16 safetensors, with the
+    tokenizer's special ids, built on `device` and saved to `folder`."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    if (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists():
-        return folder
-    print(f"building the benchmark model in {folder} (once; about a minute)", flush=True)
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    tokenizer = build_tokenizer(partial, vocab_size)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
-                         num_hidden_layers=layers, num_attention_heads=hidden // 64,
-                         num_key_value_heads=hidden // 64, max_position_embeddings=2048,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    config = LlamaConfig(**shape, **ids, tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
-                                               eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id)
-    model.save_pretrained(partial, safe_serialization=True)
-    shutil.rmtree(folder, ignore_errors=True)
-    partial.rename(folder)
-    return folder
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.generation_config = GenerationConfig(**ids)
+    model.save_pretrained(folder, safe_serialization=True)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def build_model_folder(folder: Path, hidden: int = 512, layers: int = 8, vocab_size: int = 32000) -> Path:
+    """A random-weight Llama in bf16 safetensors with a matching tokenizer; built once, then reused."""
+    def build(partial: Path) -> None:
+        print(f"building the benchmark model in {folder} (once; about a minute)", flush=True)
+        save_random_llama(partial, build_tokenizer(partial, vocab_size), vocab_size=vocab_size, hidden_size=hidden,
+                          intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
+                          num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                          max_position_embeddings=2048)
+
+    return build_once(folder, "model.safetensors", build)
 
 
 def build_word_tokenizer(folder: Path, vocab_size: int):
@@ -146,33 +149,13 @@ def build_word_tokenizer(folder: Path, vocab_size: int):
 
 def build_llama3_8b_folder(folder: Path) -> Path:
     """A random-weight Llama-3-8B-shaped model in bf16 (built on the GPU, saved as safetensors)."""
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    def build(partial: Path) -> None:
+        print(f"building the Llama-3-8B-shaped benchmark model in {folder} (once)", flush=True)
+        save_random_llama(partial, build_word_tokenizer(partial, 128256), "cuda", vocab_size=128256,
+                          hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                          num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0)
 
-    if (folder / "config.json").exists() and (folder / "tokenizer.json").exists():
-        return folder
-    print(f"building the Llama-3-8B-shaped benchmark model in {folder} (once)", flush=True)
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    tokenizer = build_word_tokenizer(partial, 128256)
-    config = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-                         rope_theta=500000.0, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         tie_word_embeddings=False)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
-                                               eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id)
-    model.save_pretrained(partial, safe_serialization=True)
-    del model
-    torch.cuda.empty_cache()
-    shutil.rmtree(folder, ignore_errors=True)
-    partial.rename(folder)
-    return folder
+    return build_once(folder, "config.json", build)
 
 
 def write_models_yaml(path: Path, folder: Path, kv_cache_bytes: int | None, max_num_seqs: int, max_batched: int,

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import platform
-import shutil
 import statistics
 import sys
 import tempfile
@@ -31,7 +30,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch  # noqa: E402
 
-from benchmarks.common import device_label  # noqa: E402
+from benchmarks.common import build_once, device_label  # noqa: E402
 from engine.video.demo import TINY_DEFAULTS, build_tiny_i2v  # noqa: E402
 from engine.video.export import to_mp4  # noqa: E402
 from engine.video.families import family_for, load_pipeline, pipeline_class_of  # noqa: E402
@@ -97,13 +96,10 @@ async def timed(run, device: str) -> float:
     return time.perf_counter() - start
 
 
-WARMUPS = 1
-
-
-async def compare(first, second, device: str, repeats: int) -> tuple[list[float], list[float]]:
+async def compare(first, second, device: str, repeats: int, warmups: int) -> tuple[list[float], list[float]]:
     """Wall times of `first` and `second`, alternated so that background load hits both alike,
-    after WARMUPS warm-up runs of each."""
-    for _ in range(WARMUPS):
+    after `warmups` warm-up runs of each."""
+    for _ in range(warmups):
         await first()
         await second()
     times = [], []
@@ -114,7 +110,7 @@ async def compare(first, second, device: str, repeats: int) -> tuple[list[float]
     return times
 
 
-async def measure_overhead(pipe, family, inputs: dict, device: str, repeats: int) -> dict:
+async def measure_overhead(pipe, family, inputs: dict, device: str, repeats: int, warmups: int) -> dict:
     single = VideoWorker(pipe, family, max_batch_size=1, device=device)
 
     async def plain():
@@ -128,7 +124,7 @@ async def measure_overhead(pipe, family, inputs: dict, device: str, repeats: int
 
     try:
         frames = (await plain()).frames[0]
-        plain_runs, worker_runs = await compare(plain, worker, device, repeats)
+        plain_runs, worker_runs = await compare(plain, worker, device, repeats, warmups)
         mp4_runs = [await timed(encode, device) for _ in range(repeats)]
     finally:
         single.close()
@@ -138,7 +134,7 @@ async def measure_overhead(pipe, family, inputs: dict, device: str, repeats: int
             "plain_runs_s": plain_runs, "worker_runs_s": worker_runs}
 
 
-async def measure_batching(pipe, family, requests: list[dict], device: str, repeats: int) -> dict:
+async def measure_batching(pipe, family, requests: list[dict], device: str, repeats: int, warmups: int) -> dict:
     n = len(requests)
     single = VideoWorker(pipe, family, max_batch_size=1, device=device)
     batched = VideoWorker(pipe, family, max_batch_size=n, device=device, batch_window_s=5.0)
@@ -151,8 +147,8 @@ async def measure_batching(pipe, family, requests: list[dict], device: str, repe
         await asyncio.gather(*(run_request(batched, inputs) for inputs in requests))
 
     try:
-        sequential_runs, batched_runs = await compare(one_by_one, together, device, repeats)
-        assert batched.batch_sizes == {n: repeats + WARMUPS}, batched.batch_sizes
+        sequential_runs, batched_runs = await compare(one_by_one, together, device, repeats, warmups)
+        assert batched.batch_sizes == {n: repeats + warmups}, batched.batch_sizes
     finally:
         single.close()
         batched.close()
@@ -164,9 +160,9 @@ async def measure_batching(pipe, family, requests: list[dict], device: str, repe
 
 async def measure(args, pipe, family) -> dict:
     inputs = request_inputs(args, family, seed=1)
-    overhead = await measure_overhead(pipe, family, inputs, args.device, args.repeats)
+    overhead = await measure_overhead(pipe, family, inputs, args.device, args.repeats, args.warmups)
     batching = [await measure_batching(pipe, family, [request_inputs(args, family, seed=i) for i in range(n)],
-                                       args.device, args.repeats)
+                                       args.device, args.repeats, args.warmups)
                 for n in args.batch_sizes]
     return {"overhead": overhead, "batching": batching}
 
@@ -261,19 +257,12 @@ def full_size_i2vgen_xl_folder(device: str) -> Path:
     """The full-size random I2VGen-XL under EMBER_HOME/bench, built on first use."""
     from engine.config import ember_home
 
-    folder = ember_home() / "bench" / "i2vgen-xl-full-size"
-    if not (folder / "model_index.json").exists():
-        partial = folder.with_name(folder.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        build_full_size_i2vgen_xl(partial, device)
-        partial.rename(folder)
-    return folder
+    return build_once(ember_home() / "bench" / "i2vgen-xl-full-size", "model_index.json",
+                      lambda partial: build_full_size_i2vgen_xl(partial, device))
 
 
 def main(argv=None) -> dict:
-    global WARMUPS
     args = parse_args(argv)
-    WARMUPS = args.warmups
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     with tempfile.TemporaryDirectory() as tmp:

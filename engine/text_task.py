@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,38 @@ class TextTask:
     # messages[start:end] are a stored conversation's history: when the whole does not fit the
     # context, its oldest turns are left out (whole turns, each starting at a user message).
     history_span: tuple[int, int] | None = None
+
+
+# What shared_prefix_key keeps of a plain prompt, and the shortest shared start worth a key (a few
+# KV blocks at most: not worth steering a request for).
+PREFIX_CHARS = 1024
+PREFIX_TOKENS = 256
+MIN_PREFIX_CHARS = 64
+
+
+def shared_prefix_key(task: TextTask) -> str | None:
+    """A digest of the part of the task's prompt that other requests may share, so that a router
+    can send them where its KV blocks are cached: the system prompt, the tools and every message
+    but the last; for a plain prompt its first PREFIX_CHARS characters (or PREFIX_TOKENS token
+    ids). None when that part is too short to matter."""
+    messages, system = task.messages, task.system_prompt
+    if messages and (len(messages) > 1 or system):
+        return _digest(json.dumps([system, task.tools, messages[:-1]], sort_keys=True, default=str))
+    if task.prompt_token_ids:
+        ids = task.prompt_token_ids
+        return _digest(json.dumps(ids[:PREFIX_TOKENS])) if len(ids) >= PREFIX_TOKENS else None
+    if messages:
+        content = messages[0].get("content") if isinstance(messages[0], dict) else None
+        text = content if isinstance(content, str) else ""
+    else:
+        text = (system or "") + (task.prompt or "")
+    return _digest(text[:PREFIX_CHARS]) if len(text) >= PREFIX_CHARS else None
+
+
+def _digest(text: str) -> str | None:
+    if len(text) < MIN_PREFIX_CHARS:
+        return None
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
 @dataclass

@@ -2,52 +2,22 @@
 
 Each replica's engine keeps a prefix cache: the KV blocks of prompt starts it has computed. A job
 whose prompt starts like a recent one is cheapest on the replica that served that one, where its
-prefill skips the shared blocks. The router reduces a job's prompt to the part requests share (the
-system prompt, the tools and every message but the last; for a plain prompt, its first
-PREFIX_CHARS characters or PREFIX_TOKENS token ids), remembers which replica served each such
-prefix, and sends a job with a known prefix there, unless that replica holds more than
-`imbalance` requests beyond the least busy candidate. Everything else (short prompts, new
-prefixes, a busy owner, calls that are not jobs) goes to the less busy of two random replicas
-(the power of two choices, as Ray Serve's default router does).
+prefill skips the shared blocks. The router reduces a job's prompt to the part requests share
+(engine.text_task.shared_prefix_key), remembers which replica served each such prefix, and sends
+a job with a known prefix there, unless that replica holds more than `imbalance` requests beyond
+the least busy candidate. Everything else (short prompts, new prefixes, a busy owner, calls that
+are not jobs) goes to the less busy of two random replicas (the power of two choices, as Ray
+Serve's default router does).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 from collections import OrderedDict
-from typing import Any
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
 
-PREFIX_CHARS = 1024
-PREFIX_TOKENS = 256
-MIN_PREFIX_CHARS = 64  # shorter shared starts fill less than a few KV blocks: not worth steering
-
-
-def prefix_key(task: Any) -> str | None:
-    """A digest of the part of a text task's prompt that other requests may share, or None."""
-    messages = getattr(task, "messages", None)
-    system = getattr(task, "system_prompt", None)
-    if messages and (len(messages) > 1 or system):
-        return _digest(json.dumps([system, getattr(task, "tools", None), messages[:-1]], sort_keys=True, default=str))
-    ids = getattr(task, "prompt_token_ids", None)
-    if ids:
-        return _digest(json.dumps(ids[:PREFIX_TOKENS])) if len(ids) >= PREFIX_TOKENS else None
-    if messages:
-        content = messages[0].get("content") if isinstance(messages[0], dict) else None
-        text = content if isinstance(content, str) else ""
-    else:
-        text = (system or "") + (getattr(task, "prompt", None) or "")
-    return _digest(text[:PREFIX_CHARS]) if len(text) >= PREFIX_CHARS else None
-
-
-def _digest(text: str) -> str | None:
-    if len(text) < MIN_PREFIX_CHARS:
-        return None
-    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
-
+from engine.text_task import TextTask, shared_prefix_key
 
 def job_prefix_key(pending_request: PendingRequest | None) -> str | None:
     """The prefix key of a `run_job(spec)` call; None for other calls (stats, health)."""
@@ -56,7 +26,8 @@ def job_prefix_key(pending_request: PendingRequest | None) -> str | None:
     spec = pending_request.args[0]
     if not isinstance(spec, dict) or spec.get("kind") != "text-generation":
         return None
-    return prefix_key(spec.get("task"))
+    task = spec.get("task")
+    return shared_prefix_key(task) if isinstance(task, TextTask) else None
 
 
 class PrefixAffinityRouter(FIFOMixin, RequestRouter):

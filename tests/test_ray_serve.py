@@ -342,8 +342,7 @@ def test_a_killed_replica_fails_its_requests_cleanly(ray_server, openai_client, 
 
 
 def test_prefix_keys_name_what_requests_share():
-    from engine.text_task import TextTask
-    from server.prefix_router import prefix_key
+    from engine.text_task import TextTask, shared_prefix_key
 
     system = "You are a meticulous assistant for the accounting team of a mid-sized company. " * 2
     a = TextTask(messages=[{"role": "user", "content": "What is a ledger?"}], system_prompt=system)
@@ -352,14 +351,15 @@ def test_prefix_keys_name_what_requests_share():
                {"role": "assistant", "content": "Hello"}]
     c = TextTask(messages=[*history, {"role": "user", "content": "one"}])
     d = TextTask(messages=[*history, {"role": "user", "content": "two"}])
-    assert prefix_key(a) == prefix_key(b) is not None  # same system prompt, different last turn
-    assert prefix_key(c) == prefix_key(d) is not None and prefix_key(c) != prefix_key(a)
-    assert prefix_key(TextTask(messages=[{"role": "user", "content": "short"}])) is None
+    assert shared_prefix_key(a) == shared_prefix_key(b) is not None  # same system prompt, different last turn
+    assert shared_prefix_key(c) == shared_prefix_key(d) is not None and shared_prefix_key(c) != shared_prefix_key(a)
+    assert shared_prefix_key(TextTask(messages=[{"role": "user", "content": "short"}])) is None
     long_prompt = "x" * 2000
-    assert prefix_key(TextTask(prompt=long_prompt + "a")) == prefix_key(TextTask(prompt=long_prompt + "b"))
-    assert prefix_key(TextTask(prompt_token_ids=list(range(300)))) == prefix_key(
+    assert shared_prefix_key(TextTask(prompt=long_prompt + "a")) == shared_prefix_key(
+        TextTask(prompt=long_prompt + "b"))
+    assert shared_prefix_key(TextTask(prompt_token_ids=list(range(300)))) == shared_prefix_key(
         TextTask(prompt_token_ids=[*range(256), 9, 9]))
-    assert prefix_key(TextTask(prompt_token_ids=[1, 2, 3])) is None
+    assert shared_prefix_key(TextTask(prompt_token_ids=[1, 2, 3])) is None
 
 
 def test_router_prefers_the_prefix_owner_unless_it_is_much_busier():
