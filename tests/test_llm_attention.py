@@ -1,6 +1,7 @@
 """Paged attention pieces that run anywhere: the KV layout and its scatter, per-layer allocation
-on each layer's device, the PyTorch backend's paths (views of contiguous contexts, log-sum-exp over
-a few runs, gathers, the padded batch used by decode graphs and by many short decode contexts) against a per-head reference, and the
+on each layer's device, the CPU backend's paths (the native decode kernel; where it is off, views of contiguous contexts,
+log-sum-exp over a few runs, gathers, the padded batch used by decode graphs and by many short
+decode contexts) against a per-head reference, and the
 runner's interface (prompt logits, bytes held)."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import random
 import pytest
 import torch
 
-from engine.llm import attention_cpu
+from engine.llm import attention_cpu, cpu_kernels
 from engine.llm.attention import SpanGroup, allocate_kv, write_kv
 from engine.llm.attention_cpu import MAX_RUNS, TorchBackend, _runs
 
@@ -91,10 +92,16 @@ SPANS = {
 @pytest.mark.parametrize("layout", ["contiguous", "pairs", "scattered"])
 @pytest.mark.parametrize("kind", ["decode", "prefill"])
 @pytest.mark.parametrize("window", [None, 6])
-@pytest.mark.parametrize("path", ["per-sequence", "by-rule", "no-host-tables"])
+@pytest.mark.parametrize("path", ["native", "per-sequence", "by-rule", "no-host-tables"])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 4), (4, 1)])
 def test_torch_backend_matches_reference(monkeypatch, layout, kind, window, path, heads, kv_heads):
-    """by-rule: these short decode contexts go padded (prefer_padded), prefill per sequence."""
+    """native: decode through the C kernel where it builds (prefill always takes SDPA); the others
+    are the SDPA paths it replaces for decode. by-rule: these short decode contexts go padded
+    (prefer_padded), prefill per sequence."""
+    if path == "native" and (kind != "decode" or cpu_kernels.library() is None):
+        pytest.skip("the native kernel attends decode rows, where it builds")
+    if path != "native":
+        monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
     if path == "per-sequence":
         monkeypatch.setattr(attention_cpu, "prefer_padded", lambda group, k_cache: False)
     spans = SPANS[kind]
@@ -127,6 +134,7 @@ def test_padded_decode_is_chosen_for_many_short_contexts_only():
 
 
 def test_the_choice_is_made_once_per_step(monkeypatch):
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
     calls = []
     monkeypatch.setattr(attention_cpu, "prefer_padded", lambda group, k_cache: calls.append(1) or True)
     spans = SPANS["decode"]
@@ -147,7 +155,9 @@ def test_runs_of_a_block_table():
     assert len(_runs(list(range(0, 2 * (MAX_RUNS + 1), 2)), 4, 0, 4 * (MAX_RUNS + 1))) == MAX_RUNS + 1
 
 
-def test_bfloat16_paths_agree_with_float32():
+@pytest.mark.parametrize("kernel", ["1", "0"])
+def test_bfloat16_paths_agree_with_float32(monkeypatch, kernel):
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, kernel)
     spans = SPANS["decode"] + [(26, 5)]
     case = make_case(5, 4, 4, 2, 16, spans, num_blocks=60, layout="pairs")
     low = tuple(t.bfloat16() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in case)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine.llm import cpu_kernels
 from engine.llm.attention import SpanGroup
 
 MAX_RUNS = 4  # decode contexts in up to this many runs of blocks are attended without a copy
@@ -199,6 +200,10 @@ class TorchBackend:
 
     def attend(self, group: SpanGroup, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                out: torch.Tensor, scale: float, window: int | None) -> None:
+        if group.max_query_len == 1 and cpu_kernels.paged_decode(
+                query.narrow(0, group.row_start, group.num_rows), k_cache, v_cache, group.block_tables,
+                group.context_lens, out.narrow(0, group.row_start, group.num_rows), scale, window):
+            return
         if "padded" not in group.cache:  # decided once per step, for every layer
             group.cache["padded"] = group.host_tables is None or prefer_padded(group, k_cache)
         if group.cache["padded"]:
