@@ -32,9 +32,12 @@ import torch.nn.functional as F
 from engine.config import ember_home
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).resolve().parent / "csrc" / "paged_decode.c"
+CSRC = Path(__file__).resolve().parent / "csrc"
+# Each source with its flags: the attention kernel may reassociate its float32 sums (-ffast-math lets
+# the softmax's expf vectorize); the fused elementwise ops must round exactly as PyTorch does.
+SOURCES = {CSRC / "paged_decode.c": ["-ffast-math"], CSRC / "fused_ops.c": ["-ffp-contract=off"]}
 ENV_SWITCH = "EMBER_CPU_ATTENTION_KERNEL"  # "0": keep PyTorch's SDPA path (to compare against it)
-COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"]
+COMPILE_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC"]
 LINK_FLAGS = ["-shared", "-fopenmp"]  # no -ffast-math here: it would link crtfastmath (FTZ/DAZ on load)
 _FUNCTIONS = {torch.float32: "paged_decode_f32", torch.bfloat16: "paged_decode_bf16"}
 _ARGTYPES = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]  # query, row/head strides
@@ -42,6 +45,11 @@ _ARGTYPES = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]  # query, row/hea
              + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]  # block tables, their row stride, context lens
              + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]  # out, row/head strides
              + [ctypes.c_int] * 5 + [ctypes.c_float, ctypes.c_int, ctypes.c_int])
+_RMS_NORM_ARGTYPES = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                       ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_int])
+_ROTARY_ARGTYPES = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] * 2 + [ctypes.c_int]  # q in, q out, heads
+                    + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] * 2 + [ctypes.c_int]  # k in, k out, heads
+                    + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int])
 _library: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
 
 
@@ -57,18 +65,23 @@ def _cpu_signature() -> str:
 
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    digest = hashlib.sha256("\0".join([SOURCE.read_text(), version, _cpu_signature(), *COMPILE_FLAGS,
-                                       *LINK_FLAGS]).encode()).hexdigest()[:16]
+    parts = [version, _cpu_signature(), *COMPILE_FLAGS, *LINK_FLAGS]
+    for source, flags in SOURCES.items():
+        parts += [source.name, source.read_text(), *flags]
+    digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     folder = ember_home() / "cache" / "kernels"
-    target = folder / f"{SOURCE.stem}-{digest}.so"
+    target = folder / f"ember-cpu-{digest}.so"
     if target.exists():
         return target
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        obj, lib = Path(tmp) / "kernel.o", Path(tmp) / "kernel.so"
-        subprocess.run([compiler, *COMPILE_FLAGS, "-c", str(SOURCE), "-o", str(obj)],
-                       capture_output=True, text=True, check=True)
-        subprocess.run([compiler, *LINK_FLAGS, str(obj), "-lm", "-o", str(lib)], capture_output=True, text=True,
+        objects = []
+        for source, flags in SOURCES.items():
+            objects.append(str(Path(tmp) / f"{source.stem}.o"))
+            subprocess.run([compiler, *COMPILE_FLAGS, *flags, "-c", str(source), "-o", objects[-1]],
+                           capture_output=True, text=True, check=True)
+        lib = Path(tmp) / "kernels.so"
+        subprocess.run([compiler, *LINK_FLAGS, *objects, "-lm", "-o", str(lib)], capture_output=True, text=True,
                        check=True)
         os.replace(lib, target)  # atomic: processes building at once each install a whole file
     return target
@@ -88,6 +101,10 @@ def _load() -> ctypes.CDLL | None:
     for name in _FUNCTIONS.values():
         function = getattr(library, name)
         function.argtypes, function.restype = _ARGTYPES, ctypes.c_int
+    for suffix in ("f32", "bf16"):
+        norm, rotary = getattr(library, f"rms_norm_{suffix}"), getattr(library, f"rotary_{suffix}")
+        norm.argtypes, norm.restype = _RMS_NORM_ARGTYPES, None
+        rotary.argtypes, rotary.restype = _ROTARY_ARGTYPES, None
     return library
 
 

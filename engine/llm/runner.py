@@ -22,6 +22,7 @@ import torch
 from engine.llm import attention
 from engine.llm.attention import AttentionBatch, SpanGroup, allocate_kv
 from engine.llm.attention_cpu import TorchBackend
+from engine.llm.cpu_fused import fuse_cpu_ops
 from engine.llm.cpu_linear import pack_linears
 from engine.llm.sequence import Sequence
 
@@ -60,6 +61,7 @@ class ModelRunner:
         self.model = model
         self.device = next(model.parameters()).device
         self.packed_linears = pack_linears(model)  # CPU bf16 only (cpu_linear.py); 0 elsewhere
+        self.fused_ops = fuse_cpu_ops(model)  # CPU only (cpu_fused.py): RMSNorm and rotary in one pass each
         self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         self.block_size = block_size
         self.num_blocks = num_blocks

@@ -1,0 +1,171 @@
+"""Fused elementwise steps for CPU models: RMSNorm and rotary embeddings in one native pass each.
+
+A decode step of a small model on CPU spends as long in its elementwise ops as in its matrix
+products: transformers' RMSNorm is seven tensor ops (a float32 copy, pow, mean, add, rsqrt, two
+multiplies) and `apply_rotary_pos_emb` twelve per layer, each paying PyTorch's dispatch and a pass
+over memory. engine/llm/csrc/fused_ops.c does each in one pass, rounding where PyTorch rounds.
+
+`fuse_cpu_ops(model)` swaps them in where they are proven equal on this model:
+- every RMSNorm-like module (a 1-D `weight` and `variance_epsilon`/`eps`) whose own forward agrees
+  with the fused one on a random input gets the fused forward (per instance; a variant such as
+  Gemma's `1 + weight` fails the check and keeps its own);
+- the module-level `apply_rotary_pos_emb` of the model's attention classes (where transformers
+  looks it up at call time) is wrapped, once per modeling module, when it agrees with the fused
+  rotary on a random input: the wrapper takes CPU tensors of the supported shapes and dtypes and
+  hands anything else to the original, so other models and devices see no change.
+Nothing is swapped off the CPU, without the native library, or with `EMBER_CPU_FUSED_OPS=0`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import torch
+from torch import nn
+
+from engine.llm import cpu_kernels
+
+ENV_SWITCH = "EMBER_CPU_FUSED_OPS"  # "0": keep transformers' own ops (to compare against them)
+_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+_patched_modules: set[str] = set()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """transformers' RMSNorm of `x` over its last dimension, or None where the kernel cannot take it."""
+    lib = cpu_kernels.library()
+    if (lib is None or x.device.type != "cpu" or x.dtype not in _DTYPES or weight.dtype != x.dtype
+            or weight.dim() != 1 or x.shape[-1] != weight.shape[0] or not weight.is_contiguous()):
+        return None
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(rows.shape, dtype=x.dtype)
+    getattr(lib, f"rms_norm_{_DTYPES[x.dtype]}")(
+        rows.data_ptr(), rows.stride(0), weight.data_ptr(), out.data_ptr(), out.stride(0), rows.shape[0],
+        rows.shape[1], float(eps), torch.get_num_threads())
+    return out.view(x.shape)
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(q, k) [1, heads, tokens, head_dim] rotated by cos/sin [1, tokens, head_dim], as
+    transformers' `apply_rotary_pos_emb` with `unsqueeze_dim=1`; None where the kernel cannot take them."""
+    lib = cpu_kernels.library()
+    if lib is None or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or q.shape[0] != 1 or cos.shape[0] != 1:
+        return None
+    tokens, head_dim = q.shape[2], q.shape[3]
+    if (k.shape[0] != 1 or k.shape[2:] != q.shape[2:] or cos.shape != sin.shape or cos.shape[1:] != (tokens, head_dim)
+            or head_dim % 2 or cos.stride() != sin.stride()):
+        return None
+    tensors = (q, k, cos, sin)
+    if any(t.device.type != "cpu" or t.dtype != q.dtype or t.stride(-1) != 1 for t in tensors) or q.dtype not in _DTYPES:
+        return None
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    getattr(lib, f"rotary_{_DTYPES[q.dtype]}")(
+        q.data_ptr(), q.stride(2), q.stride(1), q_out.data_ptr(), q_out.stride(2), q_out.stride(1), q.shape[1],
+        k.data_ptr(), k.stride(2), k.stride(1), k_out.data_ptr(), k_out.stride(2), k_out.stride(1), k.shape[1],
+        cos.data_ptr(), sin.data_ptr(), cos.stride(1), tokens, head_dim, torch.get_num_threads())
+    return q_out, k_out
+
+
+def _norm_eps(module: nn.Module) -> float | None:
+    weight = getattr(module, "weight", None)
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if not type(module).__name__.endswith("RMSNorm") or not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        return None
+    return eps if isinstance(eps, float) else None
+
+
+def _fused_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    out = rms_norm(hidden_states, self.weight, self._ember_eps)
+    return out if out is not None else type(self).forward(self, hidden_states)
+
+
+def _agree(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Equal up to one rounding step of the dtype (the float32 statistics may sum in another order)."""
+    tol = 1e-5 if got.dtype == torch.float32 else 8e-3
+    return got.shape == want.shape and bool(torch.allclose(got.float(), want.float(), rtol=tol, atol=tol))
+
+
+@torch.inference_mode()
+def _fuse_norm(module: nn.Module) -> bool:
+    eps = _norm_eps(module)
+    if eps is None or module.weight.device.type != "cpu" or module.weight.dtype not in _DTYPES:
+        return False
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 5, module.weight.shape[0], generator=gen).to(module.weight.dtype)
+    fused = rms_norm(x, module.weight, eps)
+    if fused is None or not _agree(fused, type(module).forward(module, x)):
+        return False
+    module._ember_eps = eps
+    module.forward = functools.partial(_fused_norm_forward, module)  # unlike a bound method, pickles
+    return True
+
+
+def _rotary_wrapper(original):
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        unsqueeze_dim = args[0] if args else kwargs.get("unsqueeze_dim", 1)
+        if unsqueeze_dim == 1 and len(args) <= 1 and set(kwargs) <= {"unsqueeze_dim"}:
+            out = rotary(q, k, cos, sin)
+            if out is not None:
+                return out
+        return original(q, k, cos, sin, *args, **kwargs)
+
+    apply_rotary_pos_emb.__wrapped__ = original
+    apply_rotary_pos_emb._ember_fused = True
+    return apply_rotary_pos_emb
+
+
+@torch.inference_mode()
+def _rotary_agrees(original, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    tokens = 5
+    # laid out as the attention layers make them: [1, tokens, heads, D] projections viewed [1, heads, tokens, D]
+    q = torch.randn(1, tokens, heads, head_dim, generator=gen).to(dtype).transpose(1, 2)
+    k = torch.randn(1, tokens, kv_heads, head_dim, generator=gen).to(dtype).transpose(1, 2)
+    angles = torch.randn(1, tokens, head_dim // 2, generator=gen) * 3
+    cos, sin = torch.cat([angles, angles], -1).cos().to(dtype), torch.cat([angles, angles], -1).sin().to(dtype)
+    fused = rotary(q, k, cos, sin)
+    want = original(q, k, cos, sin)
+    return fused is not None and all(torch.equal(a, b) for a, b in zip(fused, want))
+
+
+def _fuse_rotary(model: nn.Module, dtype: torch.dtype) -> int:
+    config = model.config.get_text_config()
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    patched = 0
+    for name in {type(m).__module__ for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)}:
+        modeling = sys.modules.get(name)
+        original = getattr(modeling, "apply_rotary_pos_emb", None)
+        if original is None or getattr(original, "_ember_fused", False):
+            patched += original is not None
+            continue
+        if _rotary_agrees(original, dtype, heads, kv_heads, head_dim):
+            modeling.apply_rotary_pos_emb = _rotary_wrapper(original)
+            _patched_modules.add(name)
+            patched += 1
+    return patched
+
+
+def fuse_cpu_ops(model: nn.Module) -> dict[str, int]:
+    """Swap in the fused ops where they agree with the model's own (see the module docstring);
+    returns how many norms and rotary functions now run fused."""
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if (param is None or param.device.type != "cpu" or param.dtype not in _DTYPES
+            or os.environ.get(ENV_SWITCH, "1") == "0" or cpu_kernels.library() is None):
+        return {"norms": 0, "rotary": 0}
+    norms = sum(_fuse_norm(m) for m in model.modules() if "forward" not in vars(m))
+    return {"norms": norms, "rotary": _fuse_rotary(model, param.dtype)}
+
+
+def unfuse_rotary() -> None:
+    """Put the original `apply_rotary_pos_emb` functions back (for tests and benchmarks)."""
+    for name in list(_patched_modules):
+        modeling = sys.modules[name]
+        modeling.apply_rotary_pos_emb = modeling.apply_rotary_pos_emb.__wrapped__
+        _patched_modules.discard(name)
+

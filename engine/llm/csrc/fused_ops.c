@@ -1,0 +1,96 @@
+/* Elementwise steps of a decoder layer fused into one pass each, for CPU models: RMSNorm and rotary
+ * position embeddings. Each reproduces the rounding of the PyTorch code it replaces (transformers'
+ * LlamaRMSNorm and apply_rotary_pos_emb): bfloat16 results are rounded where PyTorch rounds them,
+ * and this file is compiled without -ffast-math or FMA contraction, so float32 products and sums
+ * are the ones PyTorch computes (engine/llm/cpu_fused.py checks each against the original before
+ * using it).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float widen_f32(const float *p, int64_t i) { return p[i]; }
+static inline float round_f32(float x) { return x; }
+static inline void narrow_f32(float *p, int64_t i, float x) { p[i] = x; }
+
+static inline float widen_bf16(const uint16_t *p, int64_t i) {
+    uint32_t bits = (uint32_t)p[i] << 16;
+    float x;
+    memcpy(&x, &bits, sizeof x);
+    return x;
+}
+
+static inline uint16_t to_bf16(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+/* x rounded to bfloat16 and back: what a bfloat16 tensor op stores */
+static inline float round_bf16(float x) {
+    uint32_t bits = (uint32_t)to_bf16(x) << 16;
+    float y;
+    memcpy(&y, &bits, sizeof y);
+    return y;
+}
+
+static inline void narrow_bf16(uint16_t *p, int64_t i, float x) { p[i] = to_bf16(x); }
+
+/* out = weight * dtype(x * rsqrt(mean(x^2) + eps)), statistics in float32, per row of `hidden`. */
+#define DEFINE_RMS_NORM(T, E)                                                                        \
+    void rms_norm_##T(const E *x, int64_t x_row_stride, const E *weight, E *out, int64_t out_row_stride, \
+                      int64_t rows, int hidden, float eps, int num_threads) {                       \
+        _Pragma("omp parallel for num_threads(num_threads) if (rows * hidden >= 65536)")              \
+        for (int64_t r = 0; r < rows; r++) {                                                         \
+            const E *xr = x + r * x_row_stride;                                                      \
+            E *yr = out + r * out_row_stride;                                                        \
+            float sum = 0.f;                                                                         \
+            _Pragma("omp simd reduction(+ : sum)")                                                   \
+            for (int i = 0; i < hidden; i++) {                                                       \
+                const float v = widen_##T(xr, i);                                                    \
+                sum += v * v;                                                                        \
+            }                                                                                        \
+            const float inv = 1.f / sqrtf(sum / (float)hidden + eps);                                \
+            for (int i = 0; i < hidden; i++)                                                         \
+                narrow_##T(yr, i, widen_##T(weight, i) * round_##T(widen_##T(xr, i) * inv));        \
+        }                                                                                            \
+    }
+
+/* q and k [tokens, heads, head_dim] (strided) rotated by cos/sin [tokens, head_dim]:
+ * out = x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[half:], x[:half]). */
+#define DEFINE_ROTARY(T, E)                                                                          \
+    static void rotate_##T(const E *x, int64_t x_tok, int64_t x_head, E *y, int64_t y_tok, int64_t y_head, \
+                           const E *cos, const E *sin, int64_t cs_tok, int tokens, int heads, int head_dim, \
+                           int num_threads) {                                                        \
+        const int half = head_dim / 2;                                                               \
+        _Pragma("omp parallel for num_threads(num_threads) if ((int64_t)tokens * heads * head_dim >= 65536)") \
+        for (int t = 0; t < tokens; t++) {                                                           \
+            const E *c = cos + t * cs_tok, *s = sin + t * cs_tok;                                    \
+            for (int h = 0; h < heads; h++) {                                                        \
+                const E *xh = x + t * x_tok + h * x_head;                                            \
+                E *yh = y + t * y_tok + h * y_head;                                                  \
+                for (int d = 0; d < head_dim; d++) {                                                 \
+                    const float rot = d < half ? -widen_##T(xh, d + half) : widen_##T(xh, d - half); \
+                    const float a = round_##T(widen_##T(xh, d) * widen_##T(c, d));                  \
+                    const float b = round_##T(rot * widen_##T(s, d));                                \
+                    narrow_##T(yh, d, a + b);                                                        \
+                }                                                                                    \
+            }                                                                                        \
+        }                                                                                            \
+    }                                                                                                \
+    void rotary_##T(const E *q, int64_t q_tok, int64_t q_head, E *q_out, int64_t qo_tok, int64_t qo_head, \
+                    int q_heads, const E *k, int64_t k_tok, int64_t k_head, E *k_out, int64_t ko_tok,   \
+                    int64_t ko_head, int k_heads, const E *cos, const E *sin, int64_t cs_tok, int tokens, \
+                    int head_dim, int num_threads) {                                                 \
+        rotate_##T(q, q_tok, q_head, q_out, qo_tok, qo_head, cos, sin, cs_tok, tokens, q_heads, head_dim, \
+                   num_threads);                                                                     \
+        rotate_##T(k, k_tok, k_head, k_out, ko_tok, ko_head, cos, sin, cs_tok, tokens, k_heads, head_dim, \
+                   num_threads);                                                                     \
+    }
+
+DEFINE_RMS_NORM(f32, float)
+DEFINE_RMS_NORM(bf16, uint16_t)
+DEFINE_ROTARY(f32, float)
+DEFINE_ROTARY(bf16, uint16_t)
