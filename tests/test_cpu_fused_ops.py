@@ -1,4 +1,4 @@
-"""Fused RMSNorm and rotary embeddings for CPU models (engine/llm/cpu_fused.py) against the
+"""Fused RMSNorm, rotary embeddings and silu(gate) * up for CPU models (engine/llm/cpu_fused.py) against the
 transformers code they replace, and where they are (not) swapped in."""
 
 from __future__ import annotations
@@ -50,9 +50,18 @@ def test_rotary_is_exactly_transformers(dtype, tokens):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 300])
+def test_silu_mul_matches_torch(dtype, tokens):
+    gate, up = (torch.randn(1, tokens, 200) * 4).to(dtype), torch.randn(1, tokens, 200).to(dtype)
+    want = torch.nn.functional.silu(gate) * up
+    tol = 1e-5 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(cpu_fused.silu_mul(gate, up), want, rtol=tol, atol=tol)
+
+
 @pytest.mark.skipif(TEST_DEVICE.type != "cpu", reason="fuses CPU models only")
 def test_fused_model_gives_the_same_logits(tiny_chat_dir):
-    """The tiny test Llama with its norms and rotary fused: same logits as transformers' own forward."""
+    """The tiny test Llama with its norms, MLPs and rotary fused: the logits of transformers' own forward."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_chat_dir).eval()
@@ -61,7 +70,8 @@ def test_fused_model_gives_the_same_logits(tiny_chat_dir):
         want = model(ids).logits
         counts = cpu_fused.fuse_cpu_ops(model)
         got = model(ids).logits
-    assert counts["norms"] == 2 * model.config.num_hidden_layers + 1 and counts["rotary"] == 1
+    layers = model.config.num_hidden_layers
+    assert counts == {"norms": 2 * layers + 1, "mlps": layers, "rotary": 1}
     assert modeling_llama.apply_rotary_pos_emb.__wrapped__ is not None
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # float32 sums of squares in another order
     assert cpu_fused.fuse_cpu_ops(model)["norms"] == 0  # idempotent: nothing left to swap
@@ -105,4 +115,4 @@ def test_other_devices_and_dtypes_take_the_original_rotary():
 
 def test_switched_off(monkeypatch, llama):
     monkeypatch.setenv(cpu_fused.ENV_SWITCH, "0")
-    assert cpu_fused.fuse_cpu_ops(copy.deepcopy(llama)) == {"norms": 0, "rotary": 0}
+    assert cpu_fused.fuse_cpu_ops(copy.deepcopy(llama)) == {"norms": 0, "mlps": 0, "rotary": 0}

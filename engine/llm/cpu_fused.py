@@ -1,4 +1,5 @@
-"""Fused elementwise steps for CPU models: RMSNorm and rotary embeddings in one native pass each.
+"""Fused elementwise steps for CPU models: RMSNorm, rotary embeddings and the gated MLP's
+silu(gate) * up in one native pass each.
 
 A decode step of a small model on CPU spends as long in its elementwise ops as in its matrix
 products: transformers' RMSNorm is seven tensor ops (a float32 copy, pow, mean, add, rsqrt, two
@@ -12,7 +13,10 @@ over memory. engine/llm/csrc/fused_ops.c does each in one pass, rounding where P
 - the module-level `apply_rotary_pos_emb` of the model's attention classes (where transformers
   looks it up at call time) is wrapped, once per modeling module, when it agrees with the fused
   rotary on a random input: the wrapper takes CPU tensors of the supported shapes and dtypes and
-  hands anything else to the original, so other models and devices see no change.
+  hands anything else to the original, so other models and devices see no change;
+- every gated MLP (gate_proj, up_proj, down_proj and a SiLU `act_fn`) whose forward agrees with
+  `down_proj(silu_mul(gate_proj(x), up_proj(x)))` on a random input gets that forward (per
+  instance). In bfloat16 the two ops it replaces took 13% of a 2,048-token prefill step.
 Nothing is swapped off the CPU, without the native library, or with `EMBER_CPU_FUSED_OPS=0`.
 """
 
@@ -68,6 +72,47 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         k.data_ptr(), k.stride(2), k.stride(1), k_out.data_ptr(), k_out.stride(2), k_out.stride(1), k.shape[1],
         cos.data_ptr(), sin.data_ptr(), cos.stride(1), tokens, head_dim, torch.get_num_threads())
     return q_out, k_out
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+    """`silu(gate) * up` (same shapes, last dimension contiguous), or None where the kernel cannot take them."""
+    lib = cpu_kernels.library()
+    if (lib is None or gate.shape != up.shape or gate.dtype != up.dtype or gate.dtype not in _DTYPES
+            or gate.device.type != "cpu" or up.device.type != "cpu"):
+        return None
+    g, u = gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])
+    if g.stride() != u.stride() or g.stride(-1) != 1:
+        g, u = g.contiguous(), u.contiguous()
+    out = torch.empty(g.shape, dtype=gate.dtype)
+    getattr(lib, f"silu_mul_{_DTYPES[gate.dtype]}")(g.data_ptr(), u.data_ptr(), g.stride(0), out.data_ptr(),
+                                                    g.shape[0], g.shape[1], torch.get_num_threads())
+    return out.view(gate.shape)
+
+
+def _fused_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    hidden = silu_mul(gate, up)
+    return self.down_proj(hidden if hidden is not None else self.act_fn(gate) * up)
+
+
+@torch.inference_mode()
+def _fuse_mlp(module: nn.Module, dtype: torch.dtype) -> bool:
+    """A gated MLP (gate_proj, up_proj, down_proj, a SiLU act_fn) whose own forward agrees with the fused one."""
+    if not all(isinstance(getattr(module, name, None), nn.Module) for name in ("gate_proj", "up_proj", "down_proj")):
+        return False
+    act = getattr(module, "act_fn", None)
+    if not isinstance(act, nn.Module) or "silu" not in type(act).__name__.lower():
+        return False
+    gen = torch.Generator().manual_seed(0)
+    hidden = getattr(module.gate_proj, "in_features", None)
+    if hidden is None:
+        return False
+    x = torch.randn(1, 5, hidden, generator=gen).to(dtype)
+    want = type(module).forward(module, x)
+    if not _agree(_fused_mlp_forward(module, x), want):
+        return False
+    module.forward = functools.partial(_fused_mlp_forward, module)
+    return True
 
 
 def _norm_eps(module: nn.Module) -> float | None:
@@ -157,9 +202,10 @@ def fuse_cpu_ops(model: nn.Module) -> dict[str, int]:
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
     if (param is None or param.device.type != "cpu" or param.dtype not in _DTYPES
             or os.environ.get(ENV_SWITCH, "1") == "0" or cpu_kernels.library() is None):
-        return {"norms": 0, "rotary": 0}
+        return {"norms": 0, "mlps": 0, "rotary": 0}
     norms = sum(_fuse_norm(m) for m in model.modules() if "forward" not in vars(m))
-    return {"norms": norms, "rotary": _fuse_rotary(model, param.dtype)}
+    mlps = sum(_fuse_mlp(m, param.dtype) for m in model.modules() if "forward" not in vars(m))
+    return {"norms": norms, "mlps": mlps, "rotary": _fuse_rotary(model, param.dtype)}
 
 
 def unfuse_rotary() -> None:

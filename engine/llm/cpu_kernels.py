@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).resolve().parent / "csrc"
 # Each source with its flags: the attention kernel may reassociate its float32 sums (-ffast-math lets
 # the softmax's expf vectorize); the fused elementwise ops must round exactly as PyTorch does.
-SOURCES = {CSRC / "paged_decode.c": ["-ffast-math"], CSRC / "fused_ops.c": ["-ffp-contract=off"]}
+SOURCES = {CSRC / "paged_decode.c": ["-ffast-math"], CSRC / "fused_ops.c": ["-ffp-contract=off"],
+           CSRC / "silu_mul.c": ["-ffast-math"]}
 ENV_SWITCH = "EMBER_CPU_ATTENTION_KERNEL"  # "0": keep PyTorch's SDPA path (to compare against it)
 COMPILE_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC"]
 LINK_FLAGS = ["-shared", "-fopenmp"]  # no -ffast-math here: it would link crtfastmath (FTZ/DAZ on load)
@@ -50,6 +51,8 @@ _RMS_NORM_ARGTYPES = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.
 _ROTARY_ARGTYPES = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] * 2 + [ctypes.c_int]  # q in, q out, heads
                     + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] * 2 + [ctypes.c_int]  # k in, k out, heads
                     + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int])
+_SILU_MUL_ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+                      ctypes.c_int]
 _library: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
 
 
@@ -105,6 +108,8 @@ def _load() -> ctypes.CDLL | None:
         norm, rotary = getattr(library, f"rms_norm_{suffix}"), getattr(library, f"rotary_{suffix}")
         norm.argtypes, norm.restype = _RMS_NORM_ARGTYPES, None
         rotary.argtypes, rotary.restype = _ROTARY_ARGTYPES, None
+        silu_mul = getattr(library, f"silu_mul_{suffix}")
+        silu_mul.argtypes, silu_mul.restype = _SILU_MUL_ARGTYPES, None
     return library
 
 
