@@ -5,9 +5,13 @@ a paged cache: SDPA wants each context contiguous, so a decode step either calls
 sequence per layer (~60 us of fixed cost per call) or copies every context into a padded buffer
 first (another read and write of the bytes the step is bound by). `paged_decode` is that
 operator: one call per layer for the whole decode group, reading keys and values in place
-through the block tables (engine/llm/csrc/paged_decode.c says how).
+through the block tables (engine/llm/csrc/paged_decode.c says how). Measured on 2 cores, bf16, the
+serving benchmark's shape (8 layers, 8 KV heads of 64): 64 rows of 320 keys 19 ms per step against
+32 ms for per-sequence SDPA, ~16 GB/s of K/V read (a plain 256 MB sum reads at 23 GB/s here), and
+scattered block tables within 5 % of contiguous ones. The same library carries the fused
+elementwise ops of cpu_fused.py (csrc/fused_ops.c, csrc/silu_mul.c).
 
-The shared library is compiled once per source, compiler and CPU into
+The shared library is compiled once per set of sources, compiler and CPU into
 `EMBER_HOME/cache/kernels/` (about a second) and loaded with ctypes, so no PyTorch headers or
 build step are needed. Where there is no compiler, the build fails, the library fails its
 self-check against SDPA, or `EMBER_CPU_ATTENTION_KERNEL=0`, `paged_decode` returns False and the
