@@ -75,6 +75,8 @@ def _build(compiler: str) -> Path:
     parts = [version, _cpu_signature(), *COMPILE_FLAGS, *LINK_FLAGS]
     for source, flags in SOURCES.items():
         parts += [source.name, source.read_text(), *flags]
+    for header in sorted(CSRC.glob("*.h")):
+        parts += [header.name, header.read_text()]
     digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     folder = ember_home() / "cache" / "kernels"
     target = folder / f"ember-cpu-{digest}.so"

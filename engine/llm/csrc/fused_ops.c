@@ -7,36 +7,19 @@
  */
 #include <math.h>
 #include <stdint.h>
-#include <string.h>
+
+#include "bf16.h"
 
 static inline float widen_f32(const float *p, int64_t i) { return p[i]; }
 static inline float round_f32(float x) { return x; }
 static inline void narrow_f32(float *p, int64_t i, float x) { p[i] = x; }
 
-static inline float widen_bf16(const uint16_t *p, int64_t i) {
-    uint32_t bits = (uint32_t)p[i] << 16;
-    float x;
-    memcpy(&x, &bits, sizeof x);
-    return x;
-}
-
-static inline uint16_t to_bf16(float x) {
-    uint32_t bits;
-    memcpy(&bits, &x, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
+static inline float widen_bf16(const uint16_t *p, int64_t i) { return bf16_to_float(p[i]); }
 
 /* x rounded to bfloat16 and back: what a bfloat16 tensor op stores */
-static inline float round_bf16(float x) {
-    uint32_t bits = (uint32_t)to_bf16(x) << 16;
-    float y;
-    memcpy(&y, &bits, sizeof y);
-    return y;
-}
+static inline float round_bf16(float x) { return bf16_to_float(float_to_bf16(x)); }
 
-static inline void narrow_bf16(uint16_t *p, int64_t i, float x) { p[i] = to_bf16(x); }
+static inline void narrow_bf16(uint16_t *p, int64_t i, float x) { p[i] = float_to_bf16(x); }
 
 /* out = weight * dtype(x * rsqrt(mean(x^2) + eps)), statistics in float32, per row of `hidden`. */
 #define DEFINE_RMS_NORM(T, E)                                                                        \

@@ -17,31 +17,19 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "bf16.h"
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
 
 static inline float widen_f32(const float *p, int i) { return p[i]; }
 
-static inline float widen_bf16(const uint16_t *p, int i) {
-    uint32_t bits = (uint32_t)p[i] << 16;
-    float x;
-    memcpy(&x, &bits, sizeof x);
-    return x;
-}
+static inline float widen_bf16(const uint16_t *p, int i) { return bf16_to_float(p[i]); }
 
 static inline void narrow_f32(float *p, int i, float x) { p[i] = x; }
 
-static inline void narrow_bf16(uint16_t *p, int i, float x) {
-    uint32_t bits;
-    memcpy(&bits, &x, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) { /* NaN stays NaN */
-        p[i] = (uint16_t)((bits >> 16) | 0x40u);
-        return;
-    }
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    p[i] = (uint16_t)(bits >> 16);
-}
+static inline void narrow_bf16(uint16_t *p, int i, float x) { p[i] = float_to_bf16(x); }
 
 #ifdef __AVX512F__
 static inline __m512 load16_f32(const float *p) { return _mm512_loadu_ps(p); }

@@ -7,21 +7,8 @@
  */
 #include <math.h>
 #include <stdint.h>
-#include <string.h>
 
-static inline float widen_bf16(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float x;
-    memcpy(&x, &bits, sizeof x);
-    return x;
-}
-
-static inline uint16_t to_bf16(float x) {
-    uint32_t bits;
-    memcpy(&bits, &x, sizeof bits);
-    bits += 0x7fffu + ((bits >> 16) & 1u); /* inputs are finite: no NaN case under -ffast-math */
-    return (uint16_t)(bits >> 16);
-}
+#include "bf16.h"
 
 void silu_mul_f32(const float *gate, const float *up, int64_t in_row_stride, float *out, int64_t rows, int width,
                   int num_threads) {
@@ -44,11 +31,14 @@ void silu_mul_bf16(const uint16_t *gate, const uint16_t *up, int64_t in_row_stri
             const int n = width - start < 256 ? width - start : 256;
 #pragma omp simd
             for (int i = 0; i < n; i++) {
-                const float x = widen_bf16(g[start + i]);
+                const float x = bf16_to_float(g[start + i]);
                 act[i] = x / (1.f + expf(-x));
             }
 #pragma omp simd
-            for (int i = 0; i < n; i++) o[start + i] = to_bf16(widen_bf16(to_bf16(act[i])) * widen_bf16(u[start + i]));
+            for (int i = 0; i < n; i++) {
+                const float rounded = bf16_to_float(float_to_bf16(act[i]));
+                o[start + i] = float_to_bf16(rounded * bf16_to_float(u[start + i]));
+            }
         }
     }
 }
