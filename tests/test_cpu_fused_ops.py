@@ -68,10 +68,14 @@ def test_fused_model_gives_the_same_logits(tiny_chat_dir):
     ids = torch.randint(0, model.config.vocab_size, (1, 12))
     with torch.inference_mode():
         want = model(ids).logits
-        counts = cpu_fused.fuse_cpu_ops(model)
+        counts = cpu_fused.fuse_cpu_ops(model, max_positions=64)
         got = model(ids).logits
+        beyond = torch.arange(60, 72)[None]  # past the tables: the module's own forward
+        torch.testing.assert_close(model(ids, position_ids=beyond).logits,
+                                   AutoModelForCausalLM.from_pretrained(tiny_chat_dir).eval()(ids, position_ids=beyond).logits,
+                                   rtol=1e-4, atol=1e-4)
     layers = model.config.num_hidden_layers
-    assert counts == {"norms": 2 * layers + 1, "mlps": layers, "rotary": 1}
+    assert counts == {"norms": 2 * layers + 1, "mlps": layers, "rotary": 1, "rotary_tables": 1}
     assert modeling_llama.apply_rotary_pos_emb.__wrapped__ is not None
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # float32 sums of squares in another order
     assert cpu_fused.fuse_cpu_ops(model)["norms"] == 0  # idempotent: nothing left to swap
@@ -115,4 +119,4 @@ def test_other_devices_and_dtypes_take_the_original_rotary():
 
 def test_switched_off(monkeypatch, llama):
     monkeypatch.setenv(cpu_fused.ENV_SWITCH, "0")
-    assert cpu_fused.fuse_cpu_ops(copy.deepcopy(llama)) == {"norms": 0, "mlps": 0, "rotary": 0}
+    assert cpu_fused.fuse_cpu_ops(copy.deepcopy(llama), 64) == {"norms": 0, "mlps": 0, "rotary": 0, "rotary_tables": 0}

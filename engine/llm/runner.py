@@ -14,6 +14,8 @@ spread over several devices keeps each layer's cache next to its weights.
 
 from __future__ import annotations
 
+import logging
+import os
 from itertools import accumulate
 
 import numpy as np
@@ -22,9 +24,14 @@ import torch
 from engine.llm import attention
 from engine.llm.attention import AttentionBatch, SpanGroup, allocate_kv
 from engine.llm.attention_cpu import TorchBackend
+from engine.llm.cpu_forward import LeanForward
 from engine.llm.cpu_fused import fuse_cpu_ops
 from engine.llm.cpu_linear import pack_linears
 from engine.llm.sequence import Sequence
+from engine.llm.types import SamplingParams
+
+logger = logging.getLogger(__name__)
+LEAN_SWITCH = "EMBER_CPU_LEAN_FORWARD"  # "0": every CPU step through the model's own forward
 
 
 def kv_layout(model: torch.nn.Module) -> tuple[int, int, int]:
@@ -61,7 +68,7 @@ class ModelRunner:
         self.model = model
         self.device = next(model.parameters()).device
         self.packed_linears = pack_linears(model)  # CPU bf16 only (cpu_linear.py); 0 elsewhere
-        self.fused_ops = fuse_cpu_ops(model)  # CPU only (cpu_fused.py): RMSNorm and rotary in one pass each
+        self.fused_ops = fuse_cpu_ops(model, max_model_len)  # CPU only (cpu_fused.py): fused elementwise ops
         self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         self.block_size = block_size
         self.num_blocks = num_blocks
@@ -79,6 +86,7 @@ class ModelRunner:
         attention.register()
         model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
         self.supports_logits_to_keep = getattr(model, "_supports_logits_to_keep", lambda: False)()
+        self.lean = self.check_lean_forward()
         self.graphs = None
         if cuda_graphs and self.device.type == "cuda":
             from engine.llm.cuda_graphs import DecodeGraphs
@@ -159,6 +167,31 @@ class ModelRunner:
             kwargs["logits_to_keep"] = rows
         return kwargs, rows, sampled, extra
 
+    def check_lean_forward(self) -> LeanForward | None:
+        """cpu_forward.LeanForward for this model, if it takes the model and its logits agree with
+        the model's own forward on a probe step (a 5-token prompt written into the first blocks, which
+        are free at start-up); else None and every step goes through the model's forward.
+        `EMBER_CPU_LEAN_FORWARD=0` keeps the model's forward."""
+        if (self.device.type != "cpu" or os.environ.get(LEAN_SWITCH, "1") == "0"
+                or not LeanForward.supports(self.model) or self.num_blocks * self.block_size < 5):
+            return None
+        lean = LeanForward(self.model)
+        vocab = self.model.config.get_text_config().vocab_size
+        probe = Sequence(-1, "probe", 0, [(7 * i + 3) % vocab for i in range(5)], 5, SamplingParams(),
+                         block_table=list(range(-(-5 // self.block_size))))
+        with torch.inference_mode():
+            kwargs, rows, _, _ = self.prepare([probe], [5], frozenset({-1}))
+            want = self.model(**kwargs).logits[0].float()
+            kwargs, rows, _, _ = self.prepare([probe], [5], frozenset({-1}))
+            got = lean(kwargs["input_ids"], kwargs["position_ids"], kwargs["ember_batch"], rows)
+        want = want[rows] if "logits_to_keep" not in kwargs else want
+        for cache in self.k_caches + self.v_caches:  # leave the cache as it was found
+            cache[:len(probe.block_table)].zero_()
+        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-3, atol=1e-3):
+            logger.warning("the lean CPU forward disagrees with the model's own on a probe step; not used")
+            return None
+        return lean
+
     @staticmethod
     def is_decode_step(seqs: list[Sequence], num_tokens: list[int]) -> bool:
         """Every sequence computes exactly its last token (so every row samples). A one-token
@@ -177,9 +210,12 @@ class ModelRunner:
             if logits is not None:
                 return logits.float(), list(seqs), {}
         kwargs, rows, sampled, extra = self.prepare(seqs, num_tokens, prompt_logprob_seqs)
-        logits = self.model(**kwargs).logits[0]
-        if "logits_to_keep" not in kwargs:
-            logits = logits[rows]
-        logits = logits.float()
+        if self.lean is not None:
+            logits = self.lean(kwargs["input_ids"], kwargs["position_ids"], kwargs["ember_batch"], rows)
+        else:
+            logits = self.model(**kwargs).logits[0]
+            if "logits_to_keep" not in kwargs:
+                logits = logits[rows]
+            logits = logits.float()
         prompt_logits = {seq_id: logits[a:b] for seq_id, (a, b) in extra.items()}
         return logits[:len(sampled)], sampled, prompt_logits

@@ -1,0 +1,124 @@
+"""A lean forward for Llama-shaped decoder models on CPU: the same weights and math as
+transformers' forward, without its per-module Python.
+
+At batch 1 a CPU decode step of a small model is bound by Python, not arithmetic: each decoder
+layer calls a dozen modules through `nn.Module.__call__`, passes keyword bundles through
+transformers' attention interface and output dataclasses, and the model builds masks and
+position embeddings the paged attention does not use. `LeanForward` walks the same modules'
+weights directly: embedding, then per layer RMSNorm -> q/k/v projections -> rotary -> paged
+attention -> o_proj + residual -> RMSNorm -> gated MLP + residual, then the final norm and the
+LM head on the rows that need logits only.
+
+It takes a model only when its structure is the plain Llama one (the decoder layers hold exactly
+`input_layernorm`, `self_attn` with `q/k/v/o_proj`, `post_attention_layernorm`, `mlp` with
+`gate/up/down_proj`; no sliding windows, no extra norms), and the runner keeps it only when its
+logits agree with the model's own forward on a probe step (ModelRunner.check_lean_forward).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.llm.attention import AttentionBatch, paged_attention
+from engine.llm.cpu_fused import rms_norm, rotary, silu_mul
+
+LAYER_PARTS = {"input_layernorm", "self_attn", "post_attention_layernorm", "mlp"}
+ATTENTION_PARTS = {"q_proj", "k_proj", "v_proj", "o_proj"}
+MLP_PARTS = {"gate_proj", "up_proj", "down_proj"}
+
+
+def _eps(norm: nn.Module) -> float | None:
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    return eps if isinstance(eps, float) else None
+
+
+def _norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    out = rms_norm(x, norm.weight, norm._ember_eps)
+    return out if out is not None else norm(x)
+
+
+class LeanForward:
+    """Callable like the runner's model call: (input_ids [1, T], position_ids [1, T], batch,
+    logits_to_keep rows) -> float32 logits [rows, vocab]."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        base = model.model
+        self.embed = base.embed_tokens
+        self.layers = list(base.layers)
+        self.final_norm = base.norm
+        self.rotary_emb = base.rotary_emb
+        self.lm_head = model.lm_head
+        config = model.config.get_text_config()
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        for norm in [self.final_norm] + [n for layer in self.layers
+                                         for n in (layer.input_layernorm, layer.post_attention_layernorm)]:
+            norm._ember_eps = _eps(norm)
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        """The plain Llama structure, on CPU, with RMSNorm eps readable and no sliding windows."""
+        base = getattr(model, "model", None)
+        if base is None or not all(hasattr(base, n) for n in ("embed_tokens", "layers", "norm", "rotary_emb")):
+            return False
+        if not isinstance(getattr(model, "lm_head", None), nn.Module) or _eps(base.norm) is None:
+            return False
+        if any(p.device.type != "cpu" for p in model.parameters()):
+            return False
+        config = model.config.get_text_config()
+        if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+            return False  # windowed layers (Mistral; Qwen2 with use_sliding_window) take the model's forward
+        for layer in base.layers:
+            if {name for name, _ in layer.named_children()} != LAYER_PARTS:
+                return False
+            attn, mlp = layer.self_attn, layer.mlp
+            if {name for name, _ in attn.named_children()} != ATTENTION_PARTS:
+                return False
+            if {name for name, _ in mlp.named_children()} - {"act_fn"} != MLP_PARTS:
+                return False
+            if getattr(attn, "sliding_window", None) is not None or not isinstance(getattr(attn, "scaling", None), float):
+                return False
+            if "silu" not in type(getattr(mlp, "act_fn", None)).__name__.lower():
+                return False
+            if _eps(layer.input_layernorm) is None or _eps(layer.post_attention_layernorm) is None:
+                return False
+        return True
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, batch: AttentionBatch,
+                 rows: torch.Tensor) -> torch.Tensor:
+        tokens = input_ids.shape[1]
+        h = self.embed(input_ids)
+        cos, sin = self.rotary_emb(h, position_ids)
+        q_shape = (1, tokens, self.heads, self.head_dim)
+        kv_shape = (1, tokens, self.kv_heads, self.head_dim)
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            x = _norm(h, layer.input_layernorm)
+            q = attn.q_proj(x).view(q_shape).transpose(1, 2)
+            k = attn.k_proj(x).view(kv_shape).transpose(1, 2)
+            v = attn.v_proj(x).view(kv_shape).transpose(1, 2)
+            rotated = rotary(q, k, cos, sin)
+            q, k = rotated if rotated is not None else _rotate(q, k, cos, sin)
+            out, _ = paged_attention(attn, q, k, v, None, scaling=attn.scaling, ember_batch=batch)
+            h = h + attn.o_proj(out.reshape(1, tokens, -1))
+            x = _norm(h, layer.post_attention_layernorm)
+            gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+            act = silu_mul(gate, up)
+            h = h + mlp.down_proj(act if act is not None else F.silu(gate) * up)
+        kept = h.index_select(1, rows)  # [1, rows, hidden], the shape the model's own LM head call sees
+        return self.lm_head(_norm(kept, self.final_norm))[0].float()
+
+
+def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def half(x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=-1)
+        return torch.cat((-b, a), dim=-1)
+
+    return q * cos + half(q) * sin, k * cos + half(k) * sin

@@ -1,0 +1,55 @@
+"""The lean CPU forward (engine/llm/cpu_forward.py): taken for plain Llama-shaped models whose
+logits it reproduces, refused otherwise. Every engine test on CPU runs through it too (greedy
+decoding equals transformers' `generate`)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from engine.llm import runner as runner_module
+from engine.llm.cpu_forward import LeanForward
+from engine.llm.runner import ModelRunner
+from tests.llm_fixtures import TEST_DEVICE
+
+pytestmark = pytest.mark.skipif(TEST_DEVICE.type != "cpu", reason="a CPU path")
+
+
+def test_taken_for_llama_and_matches_its_logits(llama):
+    runner = ModelRunner(copy.deepcopy(llama), num_blocks=8, block_size=16)
+    assert runner.lean is not None
+    from engine.llm.sequence import Sequence
+    from engine.llm.types import SamplingParams
+
+    seq = Sequence(0, "r", 0, list(range(3, 40)), 37, SamplingParams(), block_table=[1, 2, 3])
+    logits, _, prompt = runner.execute([seq], [37], prompt_logprob_seqs=frozenset({0}))
+    with torch.inference_mode():
+        want = llama(torch.tensor([seq.token_ids])).logits[0].float()
+    torch.testing.assert_close(prompt[0], want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits[0], want[-1], rtol=1e-4, atol=1e-4)
+
+
+def test_refused_for_other_structures():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=8, vocab_size=128)
+    assert not LeanForward.supports(Qwen3ForCausalLM(config))  # q_norm / k_norm inside attention
+    from transformers import MistralConfig, MistralForCausalLM
+
+    windowed = MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=8, vocab_size=128, sliding_window=24)
+    assert not LeanForward.supports(MistralForCausalLM(windowed))
+
+
+def test_refused_when_its_logits_disagree(monkeypatch, llama):
+    monkeypatch.setattr(LeanForward, "__call__", lambda self, ids, positions, batch, rows: torch.zeros(
+        len(rows), llama.config.vocab_size))
+    assert ModelRunner(copy.deepcopy(llama), num_blocks=8, block_size=16).lean is None
+
+
+def test_switched_off(monkeypatch, llama):
+    monkeypatch.setenv(runner_module.LEAN_SWITCH, "0")
+    assert ModelRunner(copy.deepcopy(llama), num_blocks=8, block_size=16).lean is None
