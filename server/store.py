@@ -35,7 +35,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.pool import StaticPool
 
-from engine.errors import EmberError, Forbidden, NotFound, QuotaExceeded
+from engine.errors import EmberError, Forbidden, NotFound
 from engine.jobs import new_id, utcnow
 from server.store_schema import feedback, messages, migrate, predictions, replicas, responses, sessions
 
@@ -258,13 +258,22 @@ class Store:
 
     def create_session(self, owner: str | None, model: str | None, flow_id: str | None = None,
                        session_id: str | None = None, doc: dict | None = None) -> dict:
+        """A new session. A key at its session limit gives up its least recently used sessions to
+        make room: OpenAI-style chat completions open a session on every call that names none, so
+        refusing here would end a stateless client's service after that many calls."""
         limit = self.max_sessions_per_owner
-        if limit is not None and self.count_sessions(owner) >= limit:
-            raise QuotaExceeded(f"this key already has {limit} sessions, the limit; delete some "
-                                "(or let idle ones expire) first", param="session_id")
         now = utcnow()
         session_id = session_id or new_id()
+        mine = sessions.c.owner.is_not_distinct_from(owner)
         with self._tx() as conn:
+            if limit is not None:
+                count = conn.execute(select(func.count()).select_from(sessions).where(mine)).scalar_one()
+                if count >= limit:
+                    oldest = list(conn.execute(select(sessions.c.id).where(mine)
+                                               .order_by(sessions.c.updated_at, sessions.c.id)
+                                               .limit(count - limit + 1)).scalars())
+                    conn.execute(delete(messages).where(messages.c.session_id.in_(oldest)))
+                    conn.execute(delete(sessions).where(sessions.c.id.in_(oldest)))
             conn.execute(sessions.insert().values(id=session_id, owner=owner, flow_id=flow_id, model=model,
                                                   created_at=now, updated_at=now, doc=json.dumps(doc or {})))
         return self.get_session(session_id, owner)

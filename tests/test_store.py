@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from sqlalchemy import inspect, select
 
-from engine.errors import Forbidden, NotFound, QuotaExceeded
+from engine.errors import Forbidden, NotFound
 from server.store import Store, StoreUnavailable, database_url
 from server.store_schema import SCHEMA_VERSION, predictions, schema_version
 
@@ -55,7 +56,7 @@ def test_predictions_are_saved_updated_scoped_and_paged(store):
     assert [d["id"] for d in store.list_predictions(None, "2026-01-02T00:00:00Z|p2", 10)] == ["p1"]
 
 
-def test_sessions_quota_ownership_paging_and_expiry(store):
+def test_sessions_limit_ownership_paging_and_expiry(store):
     first = store.create_session("alice", "o/m", flow_id="f")
     assert store.get_session(first["id"], "alice")["flow_id"] == "f"
     with pytest.raises(Forbidden):
@@ -66,8 +67,11 @@ def test_sessions_quota_ownership_paging_and_expiry(store):
     chosen = store.create_session("alice", "o/m", session_id="my-own-id", doc={"title": "t"})
     assert chosen["id"] == "my-own-id" and chosen["title"] == "t"
     store.create_session("alice", "o/m")
-    with pytest.raises(QuotaExceeded):
-        store.create_session("alice", "o/m")
+    time.sleep(0.01)
+    store.touch_session(first["id"])
+    store.create_session("alice", "o/m")  # at the limit: the least recently used session makes room
+    with pytest.raises(NotFound):
+        store.get_session("my-own-id", "alice")
     anonymous = store.create_session(None, "o/m")
     assert store.count_sessions(None) == 1 and store.count_sessions("alice") == 3
     everything = store.list_sessions("alice")
