@@ -19,7 +19,10 @@ pytestmark = pytest.mark.skipif(TEST_DEVICE.type != "cpu", reason="a CPU path")
 
 def test_taken_for_llama_and_matches_its_logits(llama):
     runner = ModelRunner(copy.deepcopy(llama), num_blocks=8, block_size=16)
-    assert runner.lean is not None
+    assert runner.lean is not None and runner.lean.fused  # q/k/v and gate/up as one product each
+    saved, original = runner.model.state_dict(), llama.state_dict()
+    for name in ("self_attn.k_proj.weight", "mlp.up_proj.weight"):  # the separate projections' state
+        torch.testing.assert_close(saved[f"model.layers.1.{name}"], original[f"model.layers.1.{name}"])
     from engine.llm.sequence import Sequence
     from engine.llm.types import SamplingParams
 
@@ -42,6 +45,13 @@ def test_refused_for_other_structures():
     windowed = MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, head_dim=8, vocab_size=128, sliding_window=24)
     assert not LeanForward.supports(MistralForCausalLM(windowed))
+
+
+def test_a_rebuilt_runner_takes_the_fused_model_again(llama):
+    model = copy.deepcopy(llama)
+    first = ModelRunner(model, num_blocks=8, block_size=16)
+    again = ModelRunner(model, num_blocks=8, block_size=16)  # e.g. after a wake
+    assert first.lean is not None and again.lean is not None and again.lean.fused
 
 
 def test_refused_when_its_logits_disagree(monkeypatch, llama):

@@ -179,15 +179,32 @@ class ModelRunner:
         vocab = self.model.config.get_text_config().vocab_size
         probe = Sequence(-1, "probe", 0, [(7 * i + 3) % vocab for i in range(5)], 5, SamplingParams(),
                          block_table=list(range(-(-5 // self.block_size))))
-        with torch.inference_mode():
-            kwargs, rows, _, _ = self.prepare([probe], [5], frozenset({-1}))
-            want = self.model(**kwargs).logits[0].float()
-            kwargs, rows, _, _ = self.prepare([probe], [5], frozenset({-1}))
-            got = lean(kwargs["input_ids"], kwargs["position_ids"], kwargs["ember_batch"], rows)
-        want = want[rows] if "logits_to_keep" not in kwargs else want
+
+        def probe_logits(step) -> torch.Tensor:
+            with torch.inference_mode():
+                kwargs, rows, _, _ = self.prepare([probe], [5], frozenset({-1}))
+                return step(kwargs, rows)
+
+        def model_step(kwargs, rows) -> torch.Tensor:
+            logits = self.model(**kwargs).logits[0].float()
+            return logits if "logits_to_keep" in kwargs else logits[rows]
+
+        def lean_step(kwargs, rows) -> torch.Tensor:
+            return lean(kwargs["input_ids"], kwargs["position_ids"], kwargs["ember_batch"], rows)
+
+        def agrees(got: torch.Tensor) -> bool:
+            return got.shape == want.shape and bool(torch.allclose(got, want, rtol=1e-3, atol=1e-3))
+
+        want = probe_logits(model_step)
+        ok = agrees(probe_logits(lean_step))
+        if ok and lean.fuse_projections():  # fused q/k/v and gate/up, checked the same way
+            if agrees(probe_logits(lean_step)):
+                lean.drop_unfused()
+            else:
+                lean.undo_fusion()
         for cache in self.k_caches + self.v_caches:  # leave the cache as it was found
             cache[:len(probe.block_table)].zero_()
-        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-3, atol=1e-3):
+        if not ok:
             logger.warning("the lean CPU forward disagrees with the model's own on a probe step; not used")
             return None
         return lean
