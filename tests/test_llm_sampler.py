@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine.llm.constraints import ForcedTokens
-from engine.llm.sampler import PenaltyState, SamplerState, process_logits, sample
+from engine.llm.sampler import CDF_CHUNK, PenaltyState, SamplerState, inverse_cdf, process_logits, sample
 from engine.llm.sequence import Sequence
 from engine.llm.types import SamplingParams
 from tests.llm_fixtures import NothingAllowed
@@ -197,3 +197,34 @@ def test_grammar_rows_are_masked_in_one_batch_next_to_free_rows(tokenizer):
     assert allowed[result.token_ids[0]] and allowed[result.token_ids[2]]
     assert result.token_ids[1] >= len(tokenizer)  # the free row is untouched
     assert result.token_ids[3] == 5
+
+
+@pytest.mark.parametrize("vocab", [7, CDF_CHUNK, 3 * CDF_CHUNK + 41, 32000])
+def test_inverse_cdf_picks_what_one_float64_cdf_would(vocab):
+    """The two-level inverse CDF against the plain one (a float64 cumsum of the whole row): the same
+    token for every u, apart from u within rounding of a boundary; never a token of probability 0."""
+    gen = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(200, vocab, generator=gen) * 4
+    logits[:, ::3] = float("-inf")  # zero-probability tokens everywhere, whole chunks of them too
+    logits[:100, : vocab // 2] = float("-inf")
+    logits[5] = float("-inf")
+    logits[5, vocab - 1] = 0.0  # a single allowed token, at the very end
+    probs = logits.softmax(-1)
+    u = torch.rand(200, 1, dtype=torch.float64, generator=gen)
+    u[0], u[1] = 0.0, 1.0 - 2**-53
+    cdf = probs.double().cumsum(-1)
+    want = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0].clamp(max=vocab - 1)
+    got = inverse_cdf(probs, u)
+    assert (probs.gather(1, got[:, None]) > 0).all()
+    assert got[5] == vocab - 1
+    assert (got == want).float().mean() >= 0.99
+
+
+def test_inverse_cdf_follows_the_distribution():
+    probs = torch.zeros(1, 1000)
+    probs[0, [3, 500, 999]] = torch.tensor([0.2, 0.5, 0.3])
+    u = torch.rand(20000, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    picks = inverse_cdf(probs.expand(20000, -1).contiguous(), u)
+    share = {t: (picks == t).float().mean().item() for t in (3, 500, 999)}
+    assert set(picks.tolist()) == {3, 500, 999}
+    assert abs(share[3] - 0.2) < 0.015 and abs(share[500] - 0.5) < 0.015 and abs(share[999] - 0.3) < 0.015

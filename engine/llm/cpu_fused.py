@@ -67,7 +67,11 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     tensors = (q, k, cos, sin)
     if any(t.device.type != "cpu" or t.dtype != q.dtype or t.stride(-1) != 1 for t in tensors) or q.dtype not in _DTYPES:
         return None
-    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    # token-major memory ([1, tokens, heads, D] seen as [1, heads, tokens, D]): the attention layer
+    # scatters keys into the cache by token, and reads queries by token (measured: index_copy_ of
+    # 2,048 tokens of keys 0.27 ms from token-major against 0.49 ms from head-major)
+    q_out = torch.empty(1, tokens, q.shape[1], head_dim, dtype=q.dtype).transpose(1, 2)
+    k_out = torch.empty(1, tokens, k.shape[1], head_dim, dtype=k.dtype).transpose(1, 2)
     getattr(lib, f"rotary_{_DTYPES[q.dtype]}")(
         q.data_ptr(), q.stride(2), q.stride(1), q_out.data_ptr(), q_out.stride(2), q_out.stride(1), q.shape[1],
         k.data_ptr(), k.stride(2), k.stride(1), k_out.data_ptr(), k_out.stride(2), k_out.stride(1), k.shape[1],
