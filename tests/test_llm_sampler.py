@@ -228,3 +228,11 @@ def test_inverse_cdf_follows_the_distribution():
     share = {t: (picks == t).float().mean().item() for t in (3, 500, 999)}
     assert set(picks.tolist()) == {3, 500, 999}
     assert abs(share[3] - 0.2) < 0.015 and abs(share[500] - 0.5) < 0.015 and abs(share[999] - 0.3) < 0.015
+
+
+def test_greedy_ties_take_the_first_maximal_token():
+    """As transformers' argmax: of equal best logits, the lowest token id (also for 64 rows x 32k)."""
+    logits = torch.zeros(64, 32000)
+    logits[:, [20000, 100, 31999]] = 1.0
+    seqs = [Sequence(i, f"r{i}", 0, [1, 2], 2, SamplingParams(temperature=0.0)) for i in range(64)]
+    assert sample(logits, seqs).token_ids == [100] * 64
