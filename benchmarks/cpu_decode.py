@@ -12,17 +12,25 @@ shared machine hits every variant alike); prints the median per variant and its 
   on, dynamic shapes), the part of the model that compiles: the whole forward does not (the paged
   attention is Python, and inductor fails on the model's dynamic shapes), and inductor's freezing
   rejects the packed weights' opaque tensors;
-- packed-each / packed-padded: packed, with the CPU attention's decode path forced per sequence or
-  padded (the others use the backend's own rule, `prefer_padded`).
+- packed-each / packed-padded: packed, with the native decode-attention kernel off and the PyTorch
+  fallback's decode path forced per sequence or padded;
+- packed-sdpa: packed, native decode-attention kernel off (the fallback's own rule, `prefer_padded`);
+- packed-model-forward: packed, the model's own forward instead of the lean one (cpu_forward.py).
+Every variant but those named otherwise runs the engine's defaults: native decode attention, fused
+elementwise ops and the lean forward where they apply (compiled-mlp runs the model's forward, so its
+compiled MLPs are the ones called).
 
     python -m benchmarks.cpu_decode --rows 1 16 64 --dtype bfloat16
+    python -m benchmarks.cpu_decode --variants packed packed-sdpa packed-model-forward
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+import os
 import statistics
 import sys
 import time
@@ -38,6 +46,26 @@ from engine.llm import attention_cpu
 
 BLOCK_SIZE = 16
 ATTENTION = {"packed-each": lambda group, k_cache: False, "packed-padded": lambda group, k_cache: True}
+KERNEL_OFF = {"EMBER_CPU_ATTENTION_KERNEL": "0"}
+LEAN_OFF = {"EMBER_CPU_LEAN_FORWARD": "0"}
+VARIANT_ENV = {"packed-each": KERNEL_OFF, "packed-padded": KERNEL_OFF, "packed-sdpa": KERNEL_OFF,
+               "packed-model-forward": LEAN_OFF, "compiled-mlp": LEAN_OFF}
+
+
+@contextlib.contextmanager
+def variant_env(variant: str):
+    """The engine switches a variant turns off, set while it is built and while it runs."""
+    changes = VARIANT_ENV.get(variant, {})
+    saved = {key: os.environ.get(key) for key in changes}
+    os.environ.update(changes)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def decode_batch(rows: int, context: int, vocab: int):
@@ -56,15 +84,14 @@ def decode_batch(rows: int, context: int, vocab: int):
 
 
 def make_runner(model, variant: str, num_blocks: int):
-    import os
-
     from engine.llm import cpu_linear
     from engine.llm.runner import ModelRunner
 
     os.environ[cpu_linear.ENV_SWITCH] = "1" if variant.startswith("packed") else "0"
     policy, cpu_linear.PACKED_DTYPES = cpu_linear.PACKED_DTYPES, (torch.float32, torch.bfloat16)
     try:
-        runner = ModelRunner(model, num_blocks, BLOCK_SIZE)
+        with variant_env(variant):
+            runner = ModelRunner(model, num_blocks, BLOCK_SIZE)
     finally:
         cpu_linear.PACKED_DTYPES = policy
     if variant == "compiled-mlp":
@@ -82,8 +109,9 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--context", type=int, default=320)
-    ap.add_argument("--variants", nargs="+", default=["eager", "packed", "compiled-mlp"],
-                    choices=["eager", "packed", "compiled-mlp", "packed-each", "packed-padded"])
+    ap.add_argument("--variants", nargs="+", default=["packed", "packed-sdpa", "packed-model-forward", "eager"],
+                    choices=["eager", "packed", "compiled-mlp", "packed-each", "packed-padded", "packed-sdpa",
+                             "packed-model-forward"])
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads (the engine's step thread uses 1)")
     args = ap.parse_args()
@@ -99,10 +127,11 @@ def main() -> None:
         for round_ in range(args.rounds + 2):  # two warm-up rounds (compilation happens there)
             for variant, runner in runners.items():
                 attention_cpu.prefer_padded = ATTENTION.get(variant, rule)
-                start = time.perf_counter()
-                runner.execute(seqs, [1] * rows)
-                if round_ >= 2:
-                    times[variant].append(1000 * (time.perf_counter() - start))
+                with variant_env(variant):
+                    start = time.perf_counter()
+                    runner.execute(seqs, [1] * rows)
+                    if round_ >= 2:
+                        times[variant].append(1000 * (time.perf_counter() - start))
         medians = {v: statistics.median(t) for v, t in times.items()}
         report["ms"][rows] = medians
         ratios = " ".join(f"{v} {m:.2f} ms ({m / medians[args.variants[0]]:.2f}x)" for v, m in medians.items())
