@@ -1,4 +1,5 @@
-"""The CPU attention backend's two decode paths, timed against each other on one layer.
+"""The CPU decode attention paths, timed against each other on one layer: the native kernel
+(engine/llm/cpu_kernels.py, the default where it builds) and the PyTorch fallback's two paths.
 
 `TorchBackend` (engine/llm/attention_cpu.py) attends a decode group either per sequence over views
 of the cache (`attend_each`) or in one padded, masked SDPA call after gathering every context
@@ -8,7 +9,8 @@ padded / each, and which path the backend's rule (`prefer_padded`, fitted to who
 benchmarks/cpu_decode.py) picks. Contexts vary uniformly in [ctx * (1 - spread), ctx] (padding is
 part of the padded path's cost); blocks are laid out contiguously per sequence ("contiguous", a
 fresh server) or shuffled ("scattered", a fragmented pool). One thread, as the engine's step
-thread runs; figures on a shared machine are noisy.
+thread ran before the engine process (`--threads` for more); figures on a shared machine are noisy.
+`native_ms` is the kernel's time over the same group (absent where it does not build).
 
     python -m benchmarks.cpu_attention                       # the default sweep, bfloat16
     python -m benchmarks.cpu_attention --heads 9:3 --rows 16 64 --ctx 256 --dtype float32
@@ -28,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from engine.llm import cpu_kernels
 from engine.llm.attention import SpanGroup
 from engine.llm.attention_cpu import TorchBackend, prefer_padded
 
@@ -67,6 +70,10 @@ def time_path(path, group, query, k, v, out, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
+def native_path(group, query, k, v, out, scale, window) -> None:
+    cpu_kernels.paged_decode(query, k, v, group.block_tables, group.context_lens, out, scale, window)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--heads", nargs="+", default=["8:8", "9:3", "32:8"], help="query heads:kv heads")
@@ -78,8 +85,9 @@ def main() -> None:
     ap.add_argument("--spread", type=float, default=0.5, help="contexts vary in [ctx * (1 - spread), ctx]")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     results = []
     for spec in args.heads:
@@ -97,6 +105,9 @@ def main() -> None:
                            "each_ms": round(each, 3), "padded_ms": round(padded, 3),
                            "padded_over_each": round(padded / each, 2),
                            "rule_picks": "padded" if prefer_padded(group, k) else "each"}
+                    if cpu_kernels.enabled(dtype):
+                        native = time_path(native_path, group, query, k, v, out, args.repeats)
+                        row |= {"native_ms": round(native, 3), "native_over_each": round(native / each, 2)}
                     results.append(row)
                     print(json.dumps(row), flush=True)
     if args.json:
