@@ -30,8 +30,9 @@ def test_rms_norm_matches_llama(dtype, tokens):
     with torch.no_grad():
         norm.weight.copy_(torch.randn(96))
     x = (torch.randn(1, tokens, 96) * 3).to(dtype)
-    want = norm(x)
-    got = cpu_fused.rms_norm(x, norm.weight, 1e-5)
+    with torch.no_grad():  # the weight is a Parameter: with autograd on, the native op declines
+        want = norm(x)
+        got = cpu_fused.rms_norm(x, norm.weight, 1e-5)
     tol = 1e-6 if dtype == torch.float32 else 8e-3
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
@@ -71,8 +72,8 @@ def test_fused_model_gives_the_same_logits(tiny_chat_dir):
         counts = cpu_fused.fuse_cpu_ops(model, max_positions=64)
         got = model(ids).logits
         beyond = torch.arange(60, 72)[None]  # past the tables: the module's own forward
-        torch.testing.assert_close(model(ids, position_ids=beyond).logits,
-                                   AutoModelForCausalLM.from_pretrained(tiny_chat_dir).eval()(ids, position_ids=beyond).logits,
+        plain = AutoModelForCausalLM.from_pretrained(tiny_chat_dir).eval()
+        torch.testing.assert_close(model(ids, position_ids=beyond).logits, plain(ids, position_ids=beyond).logits,
                                    rtol=1e-4, atol=1e-4)
     layers = model.config.num_hidden_layers
     assert counts == {"norms": 2 * layers + 1, "mlps": layers, "rotary": 1, "rotary_tables": 1}
@@ -94,7 +95,8 @@ class OnePlusWeightNorm(nn.Module):
 
     def forward(self, x):
         x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight.float())).to(x.dtype)
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * (1.0 + self.weight.float())).to(x.dtype)
 
 
 OnePlusWeightNorm.__name__ = "GemmaLikeRMSNorm"
@@ -120,3 +122,13 @@ def test_other_devices_and_dtypes_take_the_original_rotary():
 def test_switched_off(monkeypatch, llama):
     monkeypatch.setenv(cpu_fused.ENV_SWITCH, "0")
     assert cpu_fused.fuse_cpu_ops(copy.deepcopy(llama), 64) == {"norms": 0, "mlps": 0, "rotary": 0, "rotary_tables": 0}
+
+
+def test_tensors_that_track_gradients_take_the_originals():
+    """The native ops have no backward: with autograd on they decline, so training code keeps working."""
+    weight = torch.ones(16, requires_grad=True)
+    x = torch.randn(2, 16, requires_grad=True)
+    assert cpu_fused.rms_norm(x, weight, 1e-6) is None
+    assert cpu_fused.silu_mul(x, x) is None
+    with torch.no_grad():
+        assert cpu_fused.rms_norm(x, weight, 1e-6) is not None

@@ -87,7 +87,8 @@ class LeanForward:
                 return False
             if {name for name, _ in mlp.named_children()} - {"act_fn", "gate_up_proj"} != MLP_PARTS:
                 return False
-            if getattr(attn, "sliding_window", None) is not None or not isinstance(getattr(attn, "scaling", None), float):
+            if (getattr(attn, "sliding_window", None) is not None
+                    or not isinstance(getattr(attn, "scaling", None), float)):
                 return False
             if "silu" not in type(getattr(mlp, "act_fn", None)).__name__.lower():
                 return False

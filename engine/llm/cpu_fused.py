@@ -37,11 +37,17 @@ _DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _patched_modules: set[str] = set()
 
 
+def _tracks_grad(*tensors: torch.Tensor) -> bool:
+    """Autograd would need the ops' backward, which the native ones do not have: leave it the originals."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """transformers' RMSNorm of `x` over its last dimension, or None where the kernel cannot take it."""
     lib = cpu_kernels.library()
-    if (lib is None or x.device.type != "cpu" or x.dtype not in _DTYPES or weight.dtype != x.dtype
-            or weight.dim() != 1 or x.shape[-1] != weight.shape[0] or not weight.is_contiguous()):
+    if (lib is None or _tracks_grad(x, weight) or x.device.type != "cpu" or x.dtype not in _DTYPES
+            or weight.dtype != x.dtype or weight.dim() != 1 or x.shape[-1] != weight.shape[0]
+            or not weight.is_contiguous()):
         return None
     rows = x.reshape(-1, x.shape[-1])
     if rows.stride(-1) != 1:
@@ -58,14 +64,16 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     """(q, k) [1, heads, tokens, head_dim] rotated by cos/sin [1, tokens, head_dim], as
     transformers' `apply_rotary_pos_emb` with `unsqueeze_dim=1`; None where the kernel cannot take them."""
     lib = cpu_kernels.library()
-    if lib is None or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or q.shape[0] != 1 or cos.shape[0] != 1:
+    if (lib is None or _tracks_grad(q, k, cos, sin) or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3
+            or q.shape[0] != 1 or cos.shape[0] != 1):
         return None
     tokens, head_dim = q.shape[2], q.shape[3]
     if (k.shape[0] != 1 or k.shape[2:] != q.shape[2:] or cos.shape != sin.shape or cos.shape[1:] != (tokens, head_dim)
             or head_dim % 2 or cos.stride() != sin.stride()):
         return None
     tensors = (q, k, cos, sin)
-    if any(t.device.type != "cpu" or t.dtype != q.dtype or t.stride(-1) != 1 for t in tensors) or q.dtype not in _DTYPES:
+    if q.dtype not in _DTYPES or any(t.device.type != "cpu" or t.dtype != q.dtype or t.stride(-1) != 1
+                                     for t in tensors):
         return None
     # token-major memory ([1, tokens, heads, D] seen as [1, heads, tokens, D]): the attention layer
     # scatters keys into the cache by token, and reads queries by token (measured: index_copy_ of
@@ -82,8 +90,8 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
     """`silu(gate) * up` (same shapes, last dimension contiguous), or None where the kernel cannot take them."""
     lib = cpu_kernels.library()
-    if (lib is None or gate.shape != up.shape or gate.dtype != up.dtype or gate.dtype not in _DTYPES
-            or gate.device.type != "cpu" or up.device.type != "cpu"):
+    if (lib is None or _tracks_grad(gate, up) or gate.shape != up.shape or gate.dtype != up.dtype
+            or gate.dtype not in _DTYPES or gate.device.type != "cpu" or up.device.type != "cpu"):
         return None
     g, u = gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])
     if g.stride() != u.stride() or g.stride(-1) != 1:
@@ -135,7 +143,8 @@ def _tabulate_rotary(module: nn.Module, dtype: torch.dtype, max_positions: int) 
     `max_positions`, computed once by its own forward (so exactly its values); recomputing them
     every step took ~4 % of a decode step at 64 rows."""
     rope_type = str(getattr(module, "rope_type", ""))
-    if (not type(module).__name__.endswith("RotaryEmbedding") or not isinstance(getattr(module, "inv_freq", None), torch.Tensor)
+    if (not type(module).__name__.endswith("RotaryEmbedding")
+            or not isinstance(getattr(module, "inv_freq", None), torch.Tensor)
             or "dynamic" in rope_type or rope_type == "longrope" or max_positions < 1):
         return False
     x = torch.empty(0, dtype=dtype, device=module.inv_freq.device)
