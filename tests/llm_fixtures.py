@@ -47,6 +47,13 @@ def llama(tiny_chat_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_chat_dir, dtype=TEST_DTYPE).to(TEST_DEVICE).eval()
 
 
+def assert_idle(engine) -> None:
+    """Nothing running or waiting, and every KV block back in the pool."""
+    stats = engine.stats()
+    assert stats["num_free_blocks"] == stats["num_total_blocks"]
+    assert stats["running"] == 0 and stats["waiting"] == 0 and stats["active_requests"] == 0
+
+
 def make_engine(model, tokenizer, **config) -> LLMEngine:
     config.setdefault("kv_cache_bytes", 8 * 2**20)
     config.setdefault("process", False)  # the step loop in a thread: tests reach into the core

@@ -8,7 +8,12 @@ import torch
 
 from engine.llm import cpu_kernels
 
-pytestmark = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler to build the CPU kernel")
+
+@pytest.fixture(autouse=True)
+def _kernels(ember_home):
+    """Built (once) at test time, into the tests' EMBER_HOME, not while the module is collected."""
+    if cpu_kernels.library() is None:
+        pytest.skip("no C compiler to build the CPU kernel")
 
 
 def _case(dtype, heads, kv_heads, head_dim, block_size, lens, seed=0):

@@ -14,6 +14,7 @@ from engine.llm.engine import LLMEngine, LLMEngineConfig
 from engine.llm.types import GenerationRequest, SamplingParams
 from tests.llm_fixtures import (
     NothingAllowed,
+    assert_idle,
     collect,
     greedy,
     make_engine,
@@ -31,11 +32,6 @@ def engine(llama, tokenizer):
     yield engine
     engine.close()
 
-
-def assert_all_blocks_free(engine):
-    stats = engine.stats()
-    assert stats["num_free_blocks"] == stats["num_total_blocks"]
-    assert stats["running"] == 0 and stats["waiting"] == 0 and stats["active_requests"] == 0
 
 
 async def wait_idle(engine):
@@ -57,7 +53,7 @@ def test_seeded_sampling_is_reproducible_alone_and_in_a_busy_batch(engine, token
     assert tokens_of(results[6][0]) == alone
     other_seed = SamplingParams(max_new_tokens=24, temperature=1.0, top_p=0.9, seed=8)
     assert tokens_of(run_all(engine, [GenerationRequest("s8", prompt, other_seed)])[0][0]) != alone
-    assert_all_blocks_free(engine)
+    assert_idle(engine)
 
 
 def test_stop_strings_are_never_emitted(engine, llama, tokenizer):
@@ -73,7 +69,7 @@ def test_stop_strings_are_never_emitted(engine, llama, tokenizer):
     for delta in result:
         seen += delta.text
         assert stop not in seen and full.startswith(seen)
-    assert_all_blocks_free(engine)
+    assert_idle(engine)
 
 
 def test_stop_strings_wait_for_min_new_tokens(engine, tokenizer):
@@ -85,7 +81,7 @@ def test_stop_strings_wait_for_min_new_tokens(engine, tokenizer):
     assert early == ""
     late = run_all(engine, [GenerationRequest("late", prompt, greedy(40, stop=[stop], min_new_tokens=6))])[0][0]
     assert len(tokens_of(late)) >= 6 and text_of(late).startswith(stop)
-    assert_all_blocks_free(engine)
+    assert_idle(engine)
 
 
 def test_abort_and_disconnect_free_every_block(engine, tokenizer):
@@ -115,7 +111,7 @@ def test_abort_and_disconnect_free_every_block(engine, tokenizer):
     for result in done[4:]:
         finals = [d for d in result[0] if d.finish_reason]
         assert len(finals) == 1 and finals[0] is result[0][-1] and finals[0].finish_reason == "abort"
-    assert_all_blocks_free(engine)
+    assert_idle(engine)
 
 
 def test_cancelled_task_aborts_its_request(engine, tokenizer):
@@ -130,7 +126,7 @@ def test_cancelled_task_aborts_its_request(engine, tokenizer):
         await wait_idle(engine)
 
     asyncio.run(main())
-    assert_all_blocks_free(engine)
+    assert_idle(engine)
 
 
 def test_prompt_too_long_is_raised_before_queueing(engine):
@@ -193,7 +189,7 @@ def test_n_choices_share_the_prompt(engine, llama, tokenizer):
     sampled = run_all(engine, [GenerationRequest("n-sampled", prompt, SamplingParams(
         max_new_tokens=16, temperature=1.0, n=4, seed=3))])[0]
     assert len({tuple(tokens_of(d)) for d in sampled.values()}) == 4
-    assert_all_blocks_free(engine)
+    assert_idle(engine)
 
 
 def test_logprobs(engine, llama, tokenizer):
@@ -222,7 +218,7 @@ def test_constraint_hook(engine, tokenizer):
     for deltas in result.values():
         assert tokens_of(deltas) == forced
         assert text_of(deltas) == "steamed hams" and deltas[-1].finish_reason == "stop"
-    assert_all_blocks_free(engine)
+    assert_idle(engine)
 
 
 def test_priority_orders_waiting_requests(llama, tokenizer):
@@ -266,7 +262,7 @@ def test_a_failing_step_fails_only_its_requests(engine, llama, tokenizer):
     after = run_all(engine, [GenerationRequest("after", prompts[0], greedy(10))])[0][0]
     assert tokens_of(after) == reference_greedy(llama, prompts[0], 10)
     assert engine.stats()["failed_steps"] == 1
-    assert_all_blocks_free(engine)
+    assert_idle(engine)
 
 
 def test_close_ends_streams_with_abort(llama, tokenizer):
@@ -293,7 +289,7 @@ def test_a_failing_constraint_factory_fails_only_its_request(engine, llama, toke
     assert sorted(bad_result) == [0, 1]
     assert all(d[-1].finish_reason == "error" and "no grammar" in d[-1].error for d in bad_result.values())
     assert tokens_of(good_result[0]) == reference_greedy(llama, [5, 6, 7], 5)
-    assert_all_blocks_free(engine)
+    assert_idle(engine)
 
 
 def test_repetition_penalty_matches_transformers(engine, llama, tokenizer):
@@ -306,7 +302,7 @@ def test_repetition_penalty_matches_transformers(engine, llama, tokenizer):
                            GenerationRequest("plain", prompt, greedy(16))])
     assert tokens_of(got[0][0]) == expected
     assert tokens_of(got[1][0]) == reference_greedy(llama, prompt, 16)
-    assert_all_blocks_free(engine)
+    assert_idle(engine)
 
 
 def test_choice_seeds_do_not_collide_with_other_requests(engine, tokenizer):
@@ -338,7 +334,7 @@ def test_a_failing_row_fails_only_its_request(engine, llama, tokenizer):
         assert tokens_of(result[0]) == reference_greedy(llama, prompt, 8)
         assert all(d.error is None for d in result[0])
     assert engine.stats()["failed_steps"] == 0
-    assert_all_blocks_free(engine)
+    assert_idle(engine)
 
 
 def test_a_request_racing_shutdown_ends_with_an_error(llama, tokenizer):
@@ -390,7 +386,7 @@ def test_prompt_logprobs_match_the_model(llama, tokenizer, chunk):
         for deltas in gen.values():
             assert [d.prompt_logprobs is not None for d in deltas] == [True] + [False] * (len(deltas) - 1)
             assert [e.logprob for e in deltas[0].prompt_logprobs[1:]] == pytest.approx([e.logprob for e in entries[1:]], abs=1e-4)
-        assert_all_blocks_free(engine)
+        assert_idle(engine)
     finally:
         engine.close()
 
@@ -429,7 +425,7 @@ def test_memory_bytes_sleep_and_wake(llama, tokenizer):
         after = run_all(engine, [GenerationRequest("after", prompt, greedy(4))])[0][0]
         assert tokens_of(after) == reference_greedy(llama, prompt, 4)
         assert engine.stats()["prefix_cache_hit_tokens"] == 0  # the cache started empty again
-        assert_all_blocks_free(engine)
+        assert_idle(engine)
     finally:
         engine.close()
 

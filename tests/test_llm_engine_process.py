@@ -18,8 +18,8 @@ from engine.llm.constraints import ForcedTokensFactory
 from engine.llm.engine import LLMEngine, LLMEngineConfig
 from engine.llm.grammar import constraint_factory
 from engine.llm.types import GenerationRequest, SamplingParams
-from tests.llm_fixtures import (collect, greedy, make_engine, random_prompts, reference_greedy, run_all, text_of,
-                                tokens_of)
+from tests.llm_fixtures import (assert_idle, collect, greedy, make_engine, random_prompts, reference_greedy, run_all,
+                                text_of, tokens_of)
 
 
 def process_engine(model, tokenizer, **config) -> LLMEngine:
@@ -33,11 +33,6 @@ def engine(llama, tokenizer):
     yield engine
     engine.close()
 
-
-def assert_idle(engine):
-    stats = engine.stats()
-    assert stats["num_free_blocks"] == stats["num_total_blocks"]
-    assert stats["running"] == 0 and stats["waiting"] == 0 and stats["active_requests"] == 0
 
 
 def test_cpu_engines_run_their_core_in_a_process_by_default(llama, tokenizer):

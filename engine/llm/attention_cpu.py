@@ -187,12 +187,16 @@ def prefer_padded(group: SpanGroup, k_cache: torch.Tensor) -> bool:
 
 
 class TorchBackend:
-    """Per-sequence attention over views of the cache when host block tables are known, else (or
-    for many short decode contexts, see prefer_padded) one padded, masked SDPA call per span group
-    and layer."""
+    """Decode groups on CPU through the native kernel (cpu_kernels.py) where it is available. Other
+    groups, and every group without it: per-sequence attention over views of the cache when host
+    block tables are known, else (or for many short decode contexts, see prefer_padded) one padded,
+    masked SDPA call per span group and layer."""
 
     def __init__(self, dtype: torch.dtype, device: torch.device):
         self.workspace = Workspace(dtype, device)
+        # the native decode kernel (cpu_kernels.py), decided once: it is called on every layer of every step
+        native = device.type == "cpu" and cpu_kernels.enabled(dtype)
+        self.native_decode = cpu_kernels.library() if native else None
 
     @property
     def workspace_bytes(self) -> int:
@@ -200,9 +204,10 @@ class TorchBackend:
 
     def attend(self, group: SpanGroup, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                out: torch.Tensor, scale: float, window: int | None) -> None:
-        if group.max_query_len == 1 and cpu_kernels.paged_decode(
-                query.narrow(0, group.row_start, group.num_rows), k_cache, v_cache, group.block_tables,
-                group.context_lens, out.narrow(0, group.row_start, group.num_rows), scale, window):
+        if group.max_query_len == 1 and self.native_decode is not None and cpu_kernels.decode_into(
+                self.native_decode, query.narrow(0, group.row_start, group.num_rows), k_cache, v_cache,
+                group.block_tables, group.context_lens, out.narrow(0, group.row_start, group.num_rows), scale,
+                window):
             return
         if "padded" not in group.cache:  # decided once per step, for every layer
             group.cache["padded"] = group.host_tables is None or prefer_padded(group, k_cache)

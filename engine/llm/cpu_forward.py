@@ -21,8 +21,9 @@ logits agree with the model's own forward on a probe step (ModelRunner.check_lea
 
 from __future__ import annotations
 
+import sys
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.llm.attention import AttentionBatch, paged_attention
@@ -60,6 +61,8 @@ class LeanForward:
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        # where the native rotary declines: the model's own function, from its modeling module
+        self.apply_rotary = sys.modules[type(self.layers[0].self_attn).__module__].apply_rotary_pos_emb
         self.fused = all(hasattr(layer.self_attn, "qkv_proj") and hasattr(layer.mlp, "gate_up_proj")
                          for layer in self.layers)  # by an earlier runner on the same model
         for norm in [self.final_norm] + [n for layer in self.layers
@@ -91,6 +94,8 @@ class LeanForward:
                     or not isinstance(getattr(attn, "scaling", None), float)):
                 return False
             if "silu" not in type(getattr(mlp, "act_fn", None)).__name__.lower():
+                return False
+            if not callable(getattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb", None)):
                 return False
             if _eps(layer.input_layernorm) is None or _eps(layer.post_attention_layernorm) is None:
                 return False
@@ -157,7 +162,7 @@ class LeanForward:
             k = k.view(kv_shape).transpose(1, 2)
             v = v.view(kv_shape).transpose(1, 2)
             rotated = rotary(q, k, cos, sin)
-            q, k = rotated if rotated is not None else _rotate(q, k, cos, sin)
+            q, k = rotated if rotated is not None else self.apply_rotary(q, k, cos, sin)
             out, _ = paged_attention(attn, q, k, v, None, scaling=attn.scaling, ember_batch=batch)
             h = h + attn.o_proj(out.reshape(1, tokens, -1))
             x = _norm(h, layer.post_attention_layernorm)
@@ -168,7 +173,7 @@ class LeanForward:
             else:
                 gate, up = mlp.gate_proj(x), mlp.up_proj(x)
             act = silu_mul(gate, up)
-            h = h + mlp.down_proj(act if act is not None else F.silu(gate) * up)
+            h = h + mlp.down_proj(act if act is not None else mlp.act_fn(gate) * up)
         kept = h.index_select(1, rows)  # [1, rows, hidden], the shape the model's own LM head call sees
         return self.lm_head(_norm(kept, self.final_norm))[0].float()
 
@@ -214,13 +219,3 @@ class SliceOfLinear(nn.Module):
         destination[prefix + "weight"] = _dense_weight(self.fused)[self.start:self.end]
         if self.fused.bias is not None:
             destination[prefix + "bias"] = self.fused.bias.detach()[self.start:self.end]
-
-
-def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-
-    def half(x: torch.Tensor) -> torch.Tensor:
-        a, b = x.chunk(2, dim=-1)
-        return torch.cat((-b, a), dim=-1)
-
-    return q * cos + half(q) * sin, k * cos + half(k) * sin

@@ -145,12 +145,14 @@ def paged_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     writes nothing) where the kernel cannot take these tensors."""
     if not enabled(query.dtype):
         return False
-    return _run(library(), query, k_cache, v_cache, block_tables, context_lens, out, scale, window)
+    return decode_into(library(), query, k_cache, v_cache, block_tables, context_lens, out, scale, window)
 
 
-def _run(lib: ctypes.CDLL, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-         block_tables: torch.Tensor, context_lens: torch.Tensor, out: torch.Tensor, scale: float,
-         window: int | None) -> bool:
+def decode_into(lib: ctypes.CDLL, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                block_tables: torch.Tensor, context_lens: torch.Tensor, out: torch.Tensor, scale: float,
+                window: int | None) -> bool:
+    """`paged_decode` through a loaded library, for callers that checked `enabled` once (the CPU
+    attention backend, per runner) rather than on every layer of every step."""
     tensors = (query, k_cache, v_cache, block_tables, context_lens, out)
     if any(t.device.type != "cpu" for t in tensors) or {k_cache.dtype, v_cache.dtype, out.dtype} != {query.dtype}:
         return False
@@ -201,7 +203,7 @@ def _self_check(lib: ctypes.CDLL, dtype: torch.dtype) -> bool:
     ok = True
     for window in (None, 3):
         out = torch.empty_like(query)
-        ok &= _run(lib, query, k_cache, v_cache, tables, lens, out, 0.35, window)
+        ok &= decode_into(lib, query, k_cache, v_cache, tables, lens, out, 0.35, window)
         want = reference_decode(query, k_cache, v_cache, tables, lens, 0.35, window)
         ok &= bool(torch.allclose(out.float(), want.float(), rtol=1e-2, atol=1e-2))
     return ok

@@ -102,7 +102,8 @@ class PenaltyState:
 
 # Columns of SettingsTable, per sequence. Values that switch a filter off: top_k = vocab,
 # top_p = 2, min_p = 0; greedy rows get temperature 1 and no filters (they take the argmax).
-TEMPERATURE, TOP_K, TOP_P, MIN_P, GREEDY, REPETITION, PRESENCE, FREQUENCY = range(8)
+TEMPERATURE, TOP_K, TOP_P, MIN_P, REPETITION, PRESENCE, FREQUENCY = range(7)
+NUM_SETTINGS = 7
 
 
 class SettingsTable:
@@ -113,7 +114,7 @@ class SettingsTable:
     def __init__(self, vocab: int, device: torch.device):
         self.vocab = vocab
         self.device = device
-        self.table = torch.zeros(0, 8, device=device)
+        self.table = torch.zeros(0, NUM_SETTINGS, device=device)
         self.rows: dict[Sequence, int] = {}
         self.free_rows: list[int] = []
 
@@ -122,18 +123,18 @@ class SettingsTable:
         greedy = p.temperature < GREEDY_EPS
         top_k = p.top_k if 0 < p.top_k < self.vocab and not greedy else self.vocab
         top_p = p.top_p if p.top_p < 1.0 and not greedy else 2.0
-        return [1.0 if greedy else p.temperature, top_k, top_p, 0.0 if greedy else p.min_p, float(greedy),
+        return [1.0 if greedy else p.temperature, top_k, top_p, 0.0 if greedy else p.min_p,
                 p.repetition_penalty, p.presence_penalty, p.frequency_penalty]
 
     @torch.inference_mode()
     def gather(self, seqs: list[Sequence]) -> torch.Tensor:
-        """[len(seqs), 8] settings, rows in `seqs` order."""
+        """[len(seqs), NUM_SETTINGS] settings, rows in `seqs` order."""
         for seq in seqs:
             if seq not in self.rows:
                 if not self.free_rows:
                     start = self.table.shape[0]
                     grow = max(8, start)
-                    self.table = torch.cat([self.table, self.table.new_zeros(grow, 8)])
+                    self.table = torch.cat([self.table, self.table.new_zeros(grow, NUM_SETTINGS)])
                     self.free_rows.extend(range(start + grow - 1, start - 1, -1))
                 row = self.rows[seq] = self.free_rows.pop()
                 self.table[row] = torch.tensor(self._values(seq), device=self.device)
