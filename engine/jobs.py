@@ -8,6 +8,7 @@ log lines, the end), so any number of readers can follow it live or replay it fr
 from __future__ import annotations
 
 import asyncio
+import math
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -22,8 +23,15 @@ _ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 
 
 def new_id(length: int = 26) -> str:
-    """Replicate-style lowercase base36 ids."""
-    return "".join(secrets.choice(_ALPHABET) for _ in range(length))
+    """Replicate-style lowercase base36 ids: `length` digits of one random number drawn with a
+    single call to the OS generator (one `secrets.choice` per digit made a system call each). The
+    number has 32 more bits than the digits hold, so the digits are uniform to within 2**-32."""
+    number = int.from_bytes(secrets.token_bytes((math.ceil(length * math.log2(36)) + 32 + 7) // 8))
+    digits = []
+    for _ in range(length):
+        number, digit = divmod(number, 36)
+        digits.append(_ALPHABET[digit])
+    return "".join(digits)
 
 
 def utcnow() -> str:

@@ -79,21 +79,40 @@ class Metrics:
             self.tokens.labels(job.model).inc(tokens)
 
 
+class RequestMetrics:
+    """Counts each HTTP request by route and status and times it to the start of its response.
+
+    A plain ASGI middleware: a streamed body passes straight through. Starlette's
+    `BaseHTTPMiddleware` relays every chunk of a streamed response through a memory stream and a
+    task group, which made it the largest single cost of a token's SSE chunk in the server."""
+
+    def __init__(self, app, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+
+        async def send_counted(message) -> None:
+            if message["type"] == "http.response.start":
+                path = getattr(scope.get("route"), "path", "unmatched")
+                self.metrics.requests.labels(scope["method"], path, str(message["status"])).inc()
+                self.metrics.latency.labels(path).observe(time.perf_counter() - start)
+            await send(message)
+
+        await self.app(scope, receive, send_counted)
+
+
 def install(app: FastAPI, metrics: Metrics) -> None:
     async def follow_pool(app: FastAPI) -> None:
         app.state.engine.pool.listeners.append(metrics.pool_event)
 
     app.state.startup_hooks.append(follow_pool)
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.requests.labels(request.method, path, str(response.status_code)).inc()
-        metrics.latency.labels(path).observe(time.perf_counter() - start)
-        return response
+    app.add_middleware(RequestMetrics, metrics=metrics)
 
     @app.get("/metrics", include_in_schema=False)
     async def export(request: Request) -> Response:

@@ -64,13 +64,12 @@ def dropped_on_error(store: Store, conversation: Conversation | None, identity: 
 def record_turn(store: Store, conversation: Conversation, new_messages: list[dict], answer: dict,
                 *, flow_id: str | None = None, chat_id: str | None = None) -> dict:
     """Append the request's new messages and the assistant's answer; returns the answer's row."""
+    rows = []
     for message in new_messages:
         extra = {k: message[k] for k in ("tool_calls", "tool_call_id", "name") if message.get(k)}
         content = message.get("content")
         if isinstance(content, list):
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        store.add_message(conversation.session_id, message["role"], content, flow_id=flow_id,
-                          chat_id=chat_id, doc=extra)
-    extra = {k: answer[k] for k in ("tool_calls",) if answer.get(k)}
-    return store.add_message(conversation.session_id, "assistant", answer.get("content"), flow_id=flow_id,
-                             chat_id=chat_id, doc=extra)
+        rows.append((message["role"], content, extra))
+    rows.append(("assistant", answer.get("content"), {k: answer[k] for k in ("tool_calls",) if answer.get(k)}))
+    return store.add_messages(conversation.session_id, rows, flow_id=flow_id, chat_id=chat_id)[-1]

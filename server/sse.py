@@ -19,30 +19,67 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 PING_S = 15
 
 
+_END, _PING = object(), object()
+
+
 async def _with_quiet_pings(events: AsyncIterator[Any], ping_s: float, comment: str,
                             sep: str | None) -> AsyncIterator[Any]:
-    iterator = aiter(events)
-    pending = asyncio.ensure_future(anext(iterator))
+    """`events`, with a ping comment after every `ping_s` seconds without one.
+
+    A task moves the events into a queue and notes when the last one came; one timer, re-armed
+    only when it fires, adds a ping to the queue when that was `ping_s` ago. No task, wait or
+    timer is set up per event (racing a fresh `anext` task against a timer for every token cost
+    more than the rest of this wrapper)."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    last = [loop.time()]
+
+    async def pump() -> None:
+        try:
+            async for item in events:
+                last[0] = loop.time()
+                queue.put_nowait(item)
+        except Exception as exc:  # noqa: BLE001 - raised again on the reader's side
+            queue.put_nowait(_Failed(exc))
+        else:
+            queue.put_nowait(_END)
+
+    def check_quiet() -> None:
+        nonlocal timer
+        due = last[0] + ping_s
+        if loop.time() >= due:
+            last[0] = loop.time()
+            queue.put_nowait(_PING)
+            due = last[0] + ping_s
+        timer = loop.call_at(due, check_quiet)
+
+    pumping = asyncio.ensure_future(pump())
+    timer = loop.call_at(last[0] + ping_s, check_quiet)
     try:
         while True:
-            done, _ = await asyncio.wait({pending}, timeout=ping_s)
-            if not done:
-                yield ServerSentEvent(comment=comment, sep=sep)
-                continue
-            try:
-                item = pending.result()
-            except StopAsyncIteration:
+            item = await queue.get()
+            if item is _END:
                 return
-            yield item
-            pending = asyncio.ensure_future(anext(iterator))
+            if item is _PING:
+                yield ServerSentEvent(comment=comment, sep=sep)
+            elif isinstance(item, _Failed):
+                raise item.error
+            else:
+                yield item
     finally:
-        if not pending.done():
-            pending.cancel()
+        timer.cancel()
+        if not pumping.done():
+            pumping.cancel()
             try:
-                await pending
-            except (asyncio.CancelledError, StopAsyncIteration):
+                await pumping
+            except asyncio.CancelledError:
                 pass
-        await iterator.aclose()
+        await events.aclose()
+
+
+class _Failed:
+    def __init__(self, error: Exception):
+        self.error = error
 
 
 def event_source(events: AsyncIterator[Any], *, ping_s: float = PING_S, comment: str = "ping",

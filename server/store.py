@@ -37,7 +37,7 @@ from sqlalchemy.pool import StaticPool
 
 from engine.errors import EmberError, Forbidden, NotFound
 from engine.jobs import new_id, utcnow
-from server.store_schema import feedback, messages, migrate, predictions, replicas, responses, sessions
+from server.store_schema import Text, feedback, messages, migrate, predictions, replicas, responses, sessions
 
 log = logging.getLogger("ember.store")
 
@@ -265,18 +265,18 @@ class Store:
         now = utcnow()
         session_id = session_id or new_id()
         mine = sessions.c.owner.is_not_distinct_from(owner)
+        row = {"id": session_id, "owner": owner, "flow_id": flow_id, "model": model, "created_at": now,
+               "updated_at": now, "doc": json.dumps(doc or {})}
         with self._tx() as conn:
-            if limit is not None:
-                count = conn.execute(select(func.count()).select_from(sessions).where(mine)).scalar_one()
-                if count >= limit:
-                    oldest = list(conn.execute(select(sessions.c.id).where(mine)
-                                               .order_by(sessions.c.updated_at, sessions.c.id)
-                                               .limit(count - limit + 1)).scalars())
+            if limit is not None:  # all but the owner's limit - 1 most recently used make room for this one
+                oldest = list(conn.execute(select(sessions.c.id).where(mine)
+                                           .order_by(sessions.c.updated_at.desc(), sessions.c.id.desc())
+                                           .offset(max(limit - 1, 0))).scalars())
+                if oldest:
                     conn.execute(delete(messages).where(messages.c.session_id.in_(oldest)))
                     conn.execute(delete(sessions).where(sessions.c.id.in_(oldest)))
-            conn.execute(sessions.insert().values(id=session_id, owner=owner, flow_id=flow_id, model=model,
-                                                  created_at=now, updated_at=now, doc=json.dumps(doc or {})))
-        return self.get_session(session_id, owner)
+            conn.execute(sessions.insert(), row)
+        return self._session(self._as_stored(row))
 
     def get_session(self, session_id: str, owner: str | None) -> dict:
         """The session; NotFound if absent, Forbidden if another identity owns it."""
@@ -286,6 +286,14 @@ class Store:
             raise NotFound(f"Session {session_id} not found", param="session_id")
         if row["owner"] is not None and owner != row["owner"]:
             raise Forbidden(f"Session {session_id} belongs to another API key", param="session_id")
+        return self._session(row)
+
+    def _as_stored(self, row: dict) -> dict:
+        """A row's values as this backend stores them (what reading the row back would give)."""
+        return {key: Text().process_bind_param(value, self.engine.dialect) for key, value in row.items()}
+
+    @staticmethod
+    def _session(row) -> dict:
         return {"id": row["id"], "owner": row["owner"], "flow_id": row["flow_id"], "model": row["model"],
                 "created_at": row["created_at"], "updated_at": row["updated_at"], **json.loads(row["doc"])}
 
@@ -340,13 +348,19 @@ class Store:
 
     def add_message(self, session_id: str, role: str, content: str | None, *, flow_id: str | None = None,
                     chat_id: str | None = None, doc: dict | None = None) -> dict:
-        message_id = new_id()
+        return self.add_messages(session_id, [(role, content, doc)], flow_id=flow_id, chat_id=chat_id)[-1]
+
+    def add_messages(self, session_id: str, new: list[tuple[str, str | None, dict | None]], *,
+                     flow_id: str | None = None, chat_id: str | None = None) -> list[dict]:
+        """Append (role, content, doc) messages to a session in one transaction that also touches
+        the session; returns the stored rows, oldest first."""
+        now = utcnow()
+        rows = [{"id": new_id(), "session_id": session_id, "flow_id": flow_id, "chat_id": chat_id, "role": role,
+                 "content": content, "created_at": now, "doc": json.dumps(doc or {})} for role, content, doc in new]
         with self._tx() as conn:
-            conn.execute(messages.insert().values(id=message_id, session_id=session_id, flow_id=flow_id,
-                                                  chat_id=chat_id, role=role, content=content,
-                                                  created_at=utcnow(), doc=json.dumps(doc or {})))
-        self.touch_session(session_id)
-        return self.get_message(message_id)
+            conn.execute(messages.insert(), rows)
+            conn.execute(update(sessions).where(sessions.c.id == session_id).values(updated_at=now))
+        return [self._message(self._as_stored(row)) for row in rows]
 
     def get_message(self, message_id: str) -> dict:
         with self._read() as conn:

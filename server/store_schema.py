@@ -19,7 +19,7 @@ from sqlalchemy import (Boolean, Column, Connection, Double, Index, Integer, Met
 from sqlalchemy import Text as PlainText
 from sqlalchemy.types import TypeDecorator
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MIGRATION_LOCK_KEY = 0x656D626572  # "ember": the advisory lock that serialises migrations on PostgreSQL
 
 
@@ -64,6 +64,8 @@ sessions = Table(
     Column("updated_at", Text, nullable=False),
     Column("doc", Text, nullable=False, server_default="{}"),
 )
+# an owner's sessions, least recently used first: the ones a key at its session limit gives up
+SESSIONS_OWNER_USED = Index("sessions_owner_used", sessions.c.owner, sessions.c.updated_at, sessions.c.id)
 
 messages = Table(
     "messages", metadata,
@@ -123,9 +125,14 @@ def _add_replica_columns(conn: Connection) -> None:
     PREDICTIONS_STATUS.create(conn, checkfirst=True)
 
 
+def _add_sessions_owner_index(conn: Connection) -> None:
+    """3: an index of each owner's sessions by last use."""
+    SESSIONS_OWNER_USED.create(conn, checkfirst=True)
+
+
 # Steps that upgrade a database of version N-1 to N; each is idempotent (a new database already
 # has what they add).
-STEPS: dict[int, Callable[[Connection], None]] = {2: _add_replica_columns}
+STEPS: dict[int, Callable[[Connection], None]] = {2: _add_replica_columns, 3: _add_sessions_owner_index}
 
 
 def current_version(conn: Connection) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 
 import pytest
 
@@ -181,3 +182,18 @@ async def test_remote_messages_carry_every_token_once_and_respect_the_interval(e
     if interval_s:
         assert all(b - a >= interval_s * 0.9 for a, b in zip(sent, sent[1:]))
         assert len(sent) < sum(e.type == "output" for e in events)
+
+
+def test_new_ids_are_base36_of_the_asked_length_and_every_digit_is_uniform():
+    from engine.jobs import new_id
+
+    ids = [new_id() for _ in range(7200)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 26 and set(i) <= set("abcdefghijklmnopqrstuvwxyz0123456789") for i in ids)
+    assert len(new_id(12)) == 12
+    # every position, including the last (most significant) digit, takes each of 36 values about
+    # 200 times: a chi-square over 35 degrees of freedom above 80 happens with probability < 1e-5
+    for position in (0, 13, 25):
+        counts = Counter(i[position] for i in ids)
+        assert len(counts) == 36
+        assert sum((c - 200) ** 2 / 200 for c in counts.values()) < 80

@@ -112,6 +112,28 @@ def test_torch_backend_matches_reference(monkeypatch, layout, kind, window, path
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "scattered"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fresh_prompts_attended_at_an_aligned_length_match_the_reference(monkeypatch, layout, dtype):
+    """Whole prompts whose length is not a multiple of ALIGN are attended over their last block's
+    unused slots too (attention_cpu._aligned_causal): stale NaNs there must not reach any output."""
+    monkeypatch.setattr(attention_cpu, "prefer_padded", lambda group, k_cache: False)
+    spans = [(21, 21), (16, 16), (37, 37)]
+    case = make_case(5, 16, 4, 4, 16, spans, dtype=dtype, num_blocks=12, layout=layout)
+    query, k_cache, v_cache, tables = case[:4]
+    for table, (ctx, _) in zip(tables, spans):
+        k_cache[table[-1], ctx % 16 or 16:] = float("nan")
+        v_cache[table[-1], ctx % 16 or 16:] = float("nan")
+    aligned = []
+    real = attention_cpu._aligned_causal
+    monkeypatch.setattr(attention_cpu, "_aligned_causal", lambda q, *a: aligned.append(a[3]) or real(q, *a))
+    out = run_backend(case, spans, None, host_tables=True)
+    assert sorted(aligned) == [21, 37]  # 16 keys are aligned already
+    expected = reference(query, k_cache, v_cache, tables, [c for c, _ in spans], [q for _, q in spans], 0.25, None)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
+
+
 def _decode_group(contexts: list[int], block_size: int = 16, query_len: int = 1):
     tables = [list(range(-(-c // block_size))) for c in contexts]
     width = max(len(t) for t in tables)

@@ -80,10 +80,29 @@ def test_unknown_model_is_404_with_a_listing(client):
     assert "Known models" in body["error"]["message"] and body["status"] == 404
 
 
-def test_metrics_endpoint(client):
+def _http_samples(client) -> dict[tuple, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name in ("ember_http_requests_total", "ember_http_request_seconds_count"):
+                samples[(sample.name, *sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def test_metrics_count_requests_by_route_and_status(client):
+    before = _http_samples(client)
     client.get("/health")
-    text = client.get("/metrics").text
-    assert "ember_http_requests_total" in text
+    client.get("/v1/models/acme/nope")
+    after = _http_samples(client)
+    changed = {key: after[key] - before.get(key, 0) for key in after if after[key] != before.get(key, 0)}
+    health = ("ember_http_requests_total", ("method", "GET"), ("route", "/health"), ("status", "200"))
+    assert changed[health] == 1
+    assert changed[("ember_http_request_seconds_count", ("route", "/health"))] == 1
+    missing = [key for key in changed if key[0] == "ember_http_requests_total" and ("status", "404") in key]
+    assert len(missing) == 1 and dict(missing[0][1:])["route"].startswith("/v1/models/")
+    assert changed[missing[0]] == 1
 
 
 def test_openapi_docs(client):

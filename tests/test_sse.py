@@ -46,3 +46,18 @@ async def test_leaving_early_closes_the_source():
     assert await anext(stream) == "first"
     await stream.aclose()
     assert closed.is_set()
+
+
+async def test_an_error_in_the_source_reaches_the_reader_after_the_events_before_it():
+    async def source():
+        yield "first"
+        raise ValueError("broken source")
+
+    stream = _with_quiet_pings(source(), 5, "ping", None)
+    assert await anext(stream) == "first"
+    try:
+        await anext(stream)
+    except ValueError as exc:
+        assert str(exc) == "broken source"
+    else:
+        raise AssertionError("the source's error was swallowed")

@@ -161,6 +161,7 @@ def test_a_database_from_before_versioning_is_upgraded(tmp_path):
     with store.engine.connect() as conn:
         columns = {c["name"] for c in inspect(conn).get_columns("predictions")}
         assert {"replica", "cancel_requested"} <= columns
+        assert "sessions_owner_used" in {i["name"] for i in inspect(conn).get_indexes("sessions")}
         assert conn.execute(select(schema_version.c.version)).scalar() == SCHEMA_VERSION
     store.heartbeat()
     assert [d["id"] for d in store.adopt_orphans(60)] == ["old"]  # a record no replica names is an orphan
