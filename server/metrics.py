@@ -8,7 +8,7 @@ import time
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from server.auth import require_identity
+from server.auth import identity_of
 
 
 LIFECYCLE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -117,7 +117,7 @@ def install(app: FastAPI, metrics: Metrics) -> None:
     @app.get("/metrics", include_in_schema=False)
     async def export(request: Request) -> Response:
         if request.app.state.settings.metrics_require_key:
-            require_identity(request)
+            identity_of(request)
         engine = request.app.state.engine
         metrics.running.set(sum(not j.done for j in engine.jobs.values()))
         metrics.pool_state(engine)
