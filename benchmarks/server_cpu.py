@@ -84,9 +84,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     args.systems = args.systems or (["ember", "vllm"] if args.vllm else ["ember"])
-    # what serving.start_vllm reads: the serving benchmark's defaults
-    args.max_num_seqs, args.max_num_batched_tokens, args.kv_cache_mib = 64, 2048, 1024
-    args.vllm_threads_bind, args.vllm_preload = f"0-{os.cpu_count() - 1}", True
+    # both servers get the serving benchmark's limits (and vLLM its environment), from its defaults
+    limits = serving.parse_args(["--systems", "ember", "--load-generator", "builtin"])
+    for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_mib", "vllm_threads_bind", "vllm_preload"):
+        setattr(args, name, getattr(limits, name))
     from engine.config import ember_home
 
     folder = serving.build_model_folder(ember_home() / "bench" / "serving-llama-h512-l8")

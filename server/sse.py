@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -20,6 +21,11 @@ PING_S = 15
 
 
 _END, _PING = object(), object()
+
+
+@dataclass
+class _Failed:
+    error: Exception
 
 
 async def _with_quiet_pings(events: AsyncIterator[Any], ping_s: float, comment: str,
@@ -32,12 +38,13 @@ async def _with_quiet_pings(events: AsyncIterator[Any], ping_s: float, comment: 
     more than the rest of this wrapper)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
-    last = [loop.time()]
+    last = loop.time()
 
     async def pump() -> None:
+        nonlocal last
         try:
             async for item in events:
-                last[0] = loop.time()
+                last = loop.time()
                 queue.put_nowait(item)
         except Exception as exc:  # noqa: BLE001 - raised again on the reader's side
             queue.put_nowait(_Failed(exc))
@@ -45,16 +52,14 @@ async def _with_quiet_pings(events: AsyncIterator[Any], ping_s: float, comment: 
             queue.put_nowait(_END)
 
     def check_quiet() -> None:
-        nonlocal timer
-        due = last[0] + ping_s
-        if loop.time() >= due:
-            last[0] = loop.time()
+        nonlocal last, timer
+        if loop.time() >= last + ping_s:
+            last = loop.time()
             queue.put_nowait(_PING)
-            due = last[0] + ping_s
-        timer = loop.call_at(due, check_quiet)
+        timer = loop.call_at(last + ping_s, check_quiet)
 
     pumping = asyncio.ensure_future(pump())
-    timer = loop.call_at(last[0] + ping_s, check_quiet)
+    timer = loop.call_at(last + ping_s, check_quiet)
     try:
         while True:
             item = await queue.get()
@@ -75,11 +80,6 @@ async def _with_quiet_pings(events: AsyncIterator[Any], ping_s: float, comment: 
             except asyncio.CancelledError:
                 pass
         await events.aclose()
-
-
-class _Failed:
-    def __init__(self, error: Exception):
-        self.error = error
 
 
 def event_source(events: AsyncIterator[Any], *, ping_s: float = PING_S, comment: str = "ping",

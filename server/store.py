@@ -100,6 +100,11 @@ def _postgres_engine(url: str):
                          connect_args={"connect_timeout": 5})
 
 
+def _touch(conn: Connection, session_id: str, now: str) -> None:
+    """Mark a session used now (it moves to the back of its owner's eviction order)."""
+    conn.execute(update(sessions).where(sessions.c.id == session_id).values(updated_at=now))
+
+
 @contextmanager
 def _unavailable_as_503() -> Iterator[None]:
     """The driver's operational and interface errors become StoreUnavailable: on PostgreSQL lost,
@@ -327,7 +332,7 @@ class Store:
 
     def touch_session(self, session_id: str) -> None:
         with self._tx() as conn:
-            conn.execute(update(sessions).where(sessions.c.id == session_id).values(updated_at=utcnow()))
+            _touch(conn, session_id, utcnow())
 
     def delete_session(self, session_id: str, owner: str | None) -> None:
         self.get_session(session_id, owner)
@@ -359,7 +364,7 @@ class Store:
                  "content": content, "created_at": now, "doc": json.dumps(doc or {})} for role, content, doc in new]
         with self._tx() as conn:
             conn.execute(messages.insert(), rows)
-            conn.execute(update(sessions).where(sessions.c.id == session_id).values(updated_at=now))
+            _touch(conn, session_id, now)
         return [self._message(self._as_stored(row)) for row in rows]
 
     def get_message(self, message_id: str) -> dict:

@@ -110,6 +110,7 @@ class _SeqPlan:
     runs: list[tuple[int, int]] | None  # (first slot, length) views covering the visible keys
     blocks: torch.Tensor | None = None  # otherwise: blocks to gather, covering [0, context_len)
     mask: torch.Tensor | None = None  # [fold * q_len, keys] for multi-query rows
+    aligned: bool = False  # attended at its length rounded up to ALIGN (_aligned_causal)
 
 
 def _runs(table: list[int], block_size: int, first: int, end: int) -> list[tuple[int, int]]:
@@ -144,17 +145,14 @@ def _plan(group: SpanGroup, block_size: int, window: int | None, fold: int, devi
             if window is not None:
                 mask &= k_pos > q_pos - window
             plan.mask = mask.repeat(fold, 1)
+        # a whole fresh prompt (its queries are all its keys) in one run or gathered copy starting
+        # at a block, without a mask (no window, no folded GQA heads), whose last block holds the
+        # rounded length
+        plan.aligned = (q_len > 1 and plan.mask is None and q_len == ctx and q_len % ALIGN != 0
+                        and block_size % ALIGN == 0 and (plan.runs is None or len(plan.runs) == 1))
         plans.append(plan)
         row += q_len
     return plans
-
-
-def _alignable(plan: _SeqPlan, fold: int, block_size: int, num_views: int) -> bool:
-    """Whether a prefill chunk can be attended at a length rounded up to ALIGN (see _aligned_causal):
-    a whole fresh prompt (its queries are all its keys) in one run that starts a block, without a
-    mask (no window, no folded GQA heads), whose last block holds the rounded length."""
-    return (plan.q_len > 1 and plan.mask is None and fold == 1 and num_views == 1 and plan.first_key == 0
-            and plan.q_len == plan.context_len and plan.q_len % ALIGN != 0 and block_size % ALIGN == 0)
 
 
 def _aligned_causal(q: torch.Tensor, k_source: torch.Tensor, v_source: torch.Tensor, first_slot: int,
@@ -269,7 +267,7 @@ class TorchBackend:
             else:
                 source, run = (k_cache, v_cache), plan.runs[0]
                 views = [(_heads_view(k_cache, a, n), _heads_view(v_cache, a, n)) for a, n in plan.runs]
-            if _alignable(plan, fold, block_size, len(views)):
+            if plan.aligned:
                 o = _aligned_causal(q, *source, run[0], plan.q_len, scale)
             elif len(views) == 1:
                 causal = plan.q_len > 1 and plan.mask is None

@@ -102,8 +102,8 @@ class PenaltyState:
 
 # Columns of SettingsTable, per sequence. Values that switch a filter off: top_k = vocab,
 # top_p = 2, min_p = 0; greedy rows get temperature 1 and no filters (they take the argmax).
-TEMPERATURE, TOP_K, TOP_P, MIN_P, REPETITION, PRESENCE, FREQUENCY = range(7)
 NUM_SETTINGS = 7
+TEMPERATURE, TOP_K, TOP_P, MIN_P, REPETITION, PRESENCE, FREQUENCY = range(NUM_SETTINGS)
 
 
 class SettingsTable:
