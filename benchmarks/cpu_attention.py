@@ -14,6 +14,8 @@ thread ran before the engine process (`--threads` for more); figures on a shared
 
     python -m benchmarks.cpu_attention                       # the default sweep, bfloat16
     python -m benchmarks.cpu_attention --heads 9:3 --rows 16 64 --ctx 256 --dtype float32
+    python -m benchmarks.cpu_attention --heads 8:8 --rows 64 --ctx 384 --spread 0.33 --layout scattered \
+        --threads 2 --layers 8    # the serving benchmark's decode at concurrency 64, as a step reads it
 """
 
 from __future__ import annotations
@@ -59,14 +61,17 @@ def make_group(rows: int, ctx: int, kv_heads: int, head_dim: int, layout: str, d
     return group, k, v
 
 
-def time_path(path, group, query, k, v, out, repeats: int) -> float:
+def time_path(path, group, query, caches: list[tuple[torch.Tensor, torch.Tensor]], out, repeats: int) -> float:
+    """Median ms per layer of one pass over every layer's (k, v) cache: with one layer its cache is
+    still in the CPU's caches from the call before; with a step's worth of layers, as in a step, not."""
     times = []
     for _ in range(repeats):
         group.cache.clear()  # the per-step plan is built once per step and reused by every layer:
-        path(group, query, k, v, out, 0.125, None)  # time a layer after the first
+        path(group, query, *caches[-1], out, 0.125, None)  # time layers after the first
         start = time.perf_counter()
-        path(group, query, k, v, out, 0.125, None)
-        times.append(time.perf_counter() - start)
+        for k, v in caches:
+            path(group, query, k, v, out, 0.125, None)
+        times.append((time.perf_counter() - start) / len(caches))
     return 1000 * statistics.median(times)
 
 
@@ -86,6 +91,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--layers", type=int, default=1,
+                    help="caches of this many layers, attended in turn (8: a step's worth, none of it still cached)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -96,18 +103,22 @@ def main() -> None:
             for ctx in args.ctx:
                 for rows in args.rows:
                     group, k, v = make_group(rows, ctx, kv_heads, args.head_dim, layout, dtype, args.spread)
+                    caches = [(k, v)] + [(torch.randn(k.shape).to(dtype), torch.randn(v.shape).to(dtype))
+                                         for _ in range(args.layers - 1)]
                     query = torch.randn(rows, heads, args.head_dim).to(dtype)
                     out = torch.empty_like(query)
                     backend = TorchBackend(dtype, query.device)
-                    each = time_path(backend.attend_each, group, query, k, v, out, args.repeats)
-                    padded = time_path(backend.attend_padded, group, query, k, v, out, args.repeats)
+                    each = time_path(backend.attend_each, group, query, caches, out, args.repeats)
+                    padded = time_path(backend.attend_padded, group, query, caches, out, args.repeats)
                     row = {"heads": heads, "kv_heads": kv_heads, "layout": layout, "ctx": ctx, "spread": args.spread, "rows": rows,
                            "each_ms": round(each, 3), "padded_ms": round(padded, 3),
                            "padded_over_each": round(padded / each, 2),
                            "rule_picks": "padded" if prefer_padded(group, k) else "each"}
                     if cpu_kernels.enabled(dtype):
-                        native = time_path(native_path, group, query, k, v, out, args.repeats)
-                        row |= {"native_ms": round(native, 3), "native_over_each": round(native / each, 2)}
+                        native = time_path(native_path, group, query, caches, out, args.repeats)
+                        kv_bytes = 2 * int(group.context_lens.sum()) * kv_heads * args.head_dim * k.element_size()
+                        row |= {"native_ms": round(native, 3), "native_over_each": round(native / each, 2),
+                                "native_gb_s": round(kv_bytes / native / 1e6, 1)}
                     results.append(row)
                     print(json.dumps(row), flush=True)
     if args.json:

@@ -7,8 +7,10 @@ first (another read and write of the bytes the step is bound by). `paged_decode`
 operator: one call per layer for the whole decode group, reading keys and values in place
 through the block tables (engine/llm/csrc/paged_decode.c says how). Measured on 2 cores, bf16, the
 serving benchmark's shape (8 layers, 8 KV heads of 64): 64 rows of 320 keys 19 ms per step against
-32 ms for per-sequence SDPA, ~16 GB/s of K/V read (a plain 256 MB sum reads at 23 GB/s here), and
-scattered block tables within 5 % of contiguous ones. The same library carries the fused
+32 ms for per-sequence SDPA at first; with the next block prefetched and bfloat16 dot products
+(`vdpbf16ps`), 64 rows of 256-384 keys over scattered tables 2.3-2.4 ms per layer against 3.0
+(~18 GB/s of K/V read against 14; a plain float32 sum of 256 MB reads at ~32 GB/s here), measured
+by benchmarks/cpu_attention.py over a step's worth of layers (`--layers 8`). The same library carries the fused
 elementwise ops of cpu_fused.py (csrc/fused_ops.c, csrc/silu_mul.c).
 
 The shared library is compiled once per set of sources, compiler and CPU into
