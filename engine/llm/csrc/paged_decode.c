@@ -10,14 +10,14 @@
  *
  * A decode step of many sequences is bound by reading their caches, and a sequence's blocks lie
  * anywhere in the pool, where the hardware prefetcher cannot follow: while a block is read, the same
- * slot of the next block in the table is prefetched into L2 (64 rows of 256-384 keys, 8 KV heads of
- * 64, bf16, 2 cores: 3.0 -> 2.6 ms per layer; see engine/llm/cpu_kernels.py).
+ * slot of the next block in the table is prefetched into L2 (most of the gain engine/llm/cpu_kernels.py
+ * reports: 64 rows of 256-384 keys, 8 layers of 8 KV heads of 64, bf16, 2 cores, 22 -> 16-17 ms).
  *
  * bfloat16 with AVX512-BF16 and a head_dim that is a multiple of 32 takes the paired path: q.k with
  * `vdpbf16ps` straight from the cached bfloat16 (exact products, float32 sums), and values weighted
  * two slots at a time by probabilities rounded to bfloat16 (as PyTorch's bfloat16 SDPA on CPU rounds
  * them before its product with V), accumulated in float32; about half the instructions of widening
- * every element (same shapes: 2.6 -> 2.3 ms per layer; with the caches hot, 1.2 -> 0.9). Otherwise, with
+ * every element (same shapes: 16-17 -> 15 ms; with the caches hot in L2/L3, 9.9 -> 7.1 ms). Otherwise, with
  * AVX-512 and a head_dim that is a multiple of 16, dot products and the weighted sum of values run
  * 16 lanes at a time (elements widened to float32 in registers), and plain loops elsewhere.
  * Built by engine/llm/cpu_kernels.py: compiled with -ffast-math (so the softmax's expf vectorizes)
