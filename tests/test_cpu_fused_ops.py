@@ -30,12 +30,13 @@ def _restore_rotary():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 7, 300])
-def test_rms_norm_matches_llama(dtype, tokens):
-    norm = modeling_llama.LlamaRMSNorm(96, eps=1e-5).to(dtype)
+@pytest.mark.parametrize("hidden", [96, 40])  # rows the AVX-512 loop takes (16 | hidden) and rows it does not
+def test_rms_norm_matches_llama(dtype, tokens, hidden):
+    norm = modeling_llama.LlamaRMSNorm(hidden, eps=1e-5).to(dtype)
     with torch.no_grad():
         gen = torch.Generator().manual_seed(tokens)
-        norm.weight.copy_(torch.randn(96, generator=gen))
-    x = (torch.randn(1, tokens, 96, generator=gen) * 3).to(dtype)
+        norm.weight.copy_(torch.randn(hidden, generator=gen))
+    x = (torch.randn(1, tokens, hidden, generator=gen) * 3).to(dtype)
     with torch.no_grad():  # the weight is a Parameter: with autograd on, the native op declines
         want = norm(x)
         got = cpu_fused.rms_norm(x, norm.weight, 1e-5)
@@ -45,8 +46,9 @@ def test_rms_norm_matches_llama(dtype, tokens):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 9, 300])
-def test_rotary_is_exactly_transformers(dtype, tokens):
-    heads, kv_heads, head_dim = 6, 2, 32
+@pytest.mark.parametrize("head_dim", [32, 64, 24])  # the AVX-512 loop takes halves of 16k elements
+def test_rotary_is_exactly_transformers(dtype, tokens, head_dim):
+    heads, kv_heads = 6, 2
     q = torch.randn(1, tokens, heads, head_dim).to(dtype).transpose(1, 2)
     k = torch.randn(1, tokens, kv_heads, head_dim).to(dtype).transpose(1, 2)
     angles = torch.rand(1, tokens, head_dim // 2) * 50
@@ -59,10 +61,11 @@ def test_rotary_is_exactly_transformers(dtype, tokens):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 300])
-def test_silu_mul_matches_torch(dtype, tokens):
+@pytest.mark.parametrize("width", [200, 1376])  # 1376: chunks of 256 and 96, rounded 16 at a time
+def test_silu_mul_matches_torch(dtype, tokens, width):
     gen = torch.Generator().manual_seed(tokens)
-    gate = (torch.randn(1, tokens, 200, generator=gen) * 4).to(dtype)
-    up = torch.randn(1, tokens, 200, generator=gen).to(dtype)
+    gate = (torch.randn(1, tokens, width, generator=gen) * 4).to(dtype)
+    up = torch.randn(1, tokens, width, generator=gen).to(dtype)
     want = torch.nn.functional.silu(gate) * up
     # bfloat16: the silu is rounded before the product, so its last-bit difference can reach two
     # units in the last place of the result (seen: 14.1 vs 14.2)

@@ -29,9 +29,6 @@
 #include <string.h>
 
 #include "bf16.h"
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
 
 static inline float widen_f32(const float *p, int i) { return p[i]; }
 
@@ -43,11 +40,6 @@ static inline void narrow_bf16(uint16_t *p, int i, float x) { p[i] = float_to_bf
 
 #ifdef __AVX512F__
 static inline __m512 load16_f32(const float *p) { return _mm512_loadu_ps(p); }
-
-static inline __m512 load16_bf16(const uint16_t *p) {
-    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
 #define VECTOR_DOT(T)                                                                                \
     if (head_dim % 16 == 0) {                                                                        \
         __m512 acc = _mm512_setzero_ps();                                                            \

@@ -3,7 +3,8 @@
  * rounding per element). bfloat16 results are rounded where PyTorch rounds them (after the silu,
  * after the product). Compiled with -ffast-math so expf vectorizes: the float32 silu may differ
  * from PyTorch's in its last bits, which engine/llm/cpu_fused.py's check against the model's own
- * MLP bounds before using it.
+ * MLP bounds before using it. With AVX-512 the rounding and the product run 16 lanes at a time
+ * (1,876 x 1,376 bfloat16 on 2 cores: 1.27 -> 0.86 ms).
  */
 #include <math.h>
 #include <stdint.h>
@@ -34,6 +35,14 @@ void silu_mul_bf16(const uint16_t *gate, const uint16_t *up, int64_t in_row_stri
                 const float x = bf16_to_float(g[start + i]);
                 act[i] = x / (1.f + expf(-x));
             }
+#ifdef __AVX512F__
+            if (n % 16 == 0) {
+                for (int i = 0; i < n; i += 16)
+                    store16_bf16(o + start + i, _mm512_mul_ps(round16_bf16(_mm512_loadu_ps(act + i)),
+                                                              load16_bf16(u + start + i)));
+                continue;
+            }
+#endif
 #pragma omp simd
             for (int i = 0; i < n; i++) {
                 const float rounded = bf16_to_float(float_to_bf16(act[i]));
