@@ -51,6 +51,7 @@ import torch.multiprocessing as mp
 from engine.errors import InvalidInput, ModelUnavailable
 from engine.llm.build import CoreSpec, kv_cache_bytes
 from engine.llm.cpu_linear import packed_bytes
+from engine.llm.cpu_malloc import retain_freed_memory
 from engine.llm.core import CoreOutput, CoreRequest
 from engine.llm.types import FinishReason
 
@@ -431,6 +432,7 @@ def engine_main(conn, spec: CoreSpec, tokenizer) -> None:
     """Entry point of the engine process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when this process stops
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    retain_freed_memory()
     try:
         engine = _EngineProcess(conn, spec, tokenizer)
     except Exception:  # noqa: BLE001 - reported to the server, which raises it
