@@ -15,6 +15,7 @@ import asyncio
 import copy
 import os
 import random
+import weakref
 
 import pytest
 import torch
@@ -72,19 +73,22 @@ def random_prompts(count: int, vocab: int, seed: int = 0, shared_prefix: int = 4
     return prompts
 
 
-_reference_cache: dict = {}
+# Per model object, dropped with it: keyed by id(model), a model built later at a freed model's
+# address got that model's answers (the architectures test builds three models for one workload).
+_reference_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def reference_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     """What transformers' own generate() produces (greedy, stops at EOS like the engine does)."""
-    key = (id(model), tuple(prompt), max_new_tokens)
-    if key not in _reference_cache:
+    cache = _reference_cache.setdefault(model, {})
+    key = (tuple(prompt), max_new_tokens)
+    if key not in cache:
         with torch.inference_mode():
             ids = torch.tensor([prompt], device=model.device)
             out = model.generate(ids, attention_mask=torch.ones_like(ids),
                                  max_new_tokens=max_new_tokens, do_sample=False)
-        _reference_cache[key] = out[0, len(prompt):].tolist()
-    return _reference_cache[key]
+        cache[key] = out[0, len(prompt):].tolist()
+    return cache[key]
 
 
 async def collect(engine: LLMEngine, request: GenerationRequest) -> dict[int, list[GenerationDelta]]:
