@@ -89,13 +89,16 @@ static inline void block_span(const Task *task, int b, int *lo, int *hi) {
     *hi = start + task->block_size < task->ctx ? task->block_size : task->ctx - start;
 }
 
+/* Elements from the start of the cache to the task's first KV head in table block b. */
+static inline int64_t block_offset(const Task *task, int b) {
+    return (int64_t)task->table[b] * task->block_stride + (int64_t)task->kv0 * task->head_dim;
+}
+
 /* Into L2: the task's part of slot t of the block after b (of b itself, already read, at the last
  * block). Always inlined: a function that only prefetches has no side effects to GCC, which then
  * deletes the calls. */
 static inline __attribute__((always_inline)) void prefetch_next(const Task *task, const char *cache, int element_size, int b, int last_block, int t) {
-    const int64_t block = task->table[b < last_block ? b + 1 : b];
-    const char *row = cache + (block * task->block_stride + t * task->slot_stride
-                               + (int64_t)task->kv0 * task->head_dim) * element_size;
+    const char *row = cache + (block_offset(task, b < last_block ? b + 1 : b) + t * task->slot_stride) * element_size;
     for (int c = 0; c < task->kv_heads * task->head_dim * element_size; c += 64) __builtin_prefetch(row + c, 0, 2);
 }
 
@@ -141,7 +144,7 @@ static size_t scratch_floats(const Task *task) {
             for (int d = 0; d < head_dim; d++) q[h * head_dim + d] = widen_##T(query + h * q_head_stride, d) * scale; \
         /* keys: a block's slots are consecutive in memory, every task head read per slot */         \
         for (int b = task->first / task->block_size, i = 0, lo, hi; b <= last_block; b++) {          \
-            const E *k = k_cache + (int64_t)task->table[b] * task->block_stride + (int64_t)task->kv0 * head_dim; \
+            const E *k = k_cache + block_offset(task, b);                                             \
             block_span(task, b, &lo, &hi);                                                           \
             for (int t = lo; t < hi; t++, i++) {                                                     \
                 prefetch_next(task, (const char *)k_cache, sizeof(E), b, last_block, t);            \
@@ -153,7 +156,7 @@ static size_t scratch_floats(const Task *task) {
         softmax_rows(scores, heads, n, stride);                                                      \
         memset(acc, 0, sizeof(float) * (size_t)heads * head_dim);                                    \
         for (int b = task->first / task->block_size, i = 0, lo, hi; b <= last_block; b++) {          \
-            const E *v = v_cache + (int64_t)task->table[b] * task->block_stride + (int64_t)task->kv0 * head_dim; \
+            const E *v = v_cache + block_offset(task, b);                                             \
             block_span(task, b, &lo, &hi);                                                           \
             for (int t = lo; t < hi; t++, i++) {                                                     \
                 prefetch_next(task, (const char *)v_cache, sizeof(E), b, last_block, t);            \
@@ -178,12 +181,11 @@ DEFINE_TASK(bf16, uint16_t)
 static void attend_bf16_paired(const Task *task, const uint16_t *query, int64_t q_head_stride,
                                const uint16_t *k_cache, const uint16_t *v_cache, uint16_t *out,
                                int64_t out_head_stride, float scale, float *scratch) {
-    static const uint16_t zeros[32] = {0};
     const int heads = task->heads, head_dim = task->head_dim, n = task->n, stride = n + 2;
     const int last_block = (task->ctx - 1) / task->block_size;
     float *scores = scratch, *acc = scratch + (size_t)heads * stride + (size_t)heads * head_dim;
     for (int b = task->first / task->block_size, i = 0, lo, hi; b <= last_block; b++) {
-        const uint16_t *k = k_cache + (int64_t)task->table[b] * task->block_stride + (int64_t)task->kv0 * head_dim;
+        const uint16_t *k = k_cache + block_offset(task, b);
         block_span(task, b, &lo, &hi);
         for (int t = lo; t < hi; t++, i++) {
             prefetch_next(task, (const char *)k_cache, 2, b, last_block, t);
@@ -200,21 +202,21 @@ static void attend_bf16_paired(const Task *task, const uint16_t *query, int64_t 
     softmax_rows(scores, heads, n, stride);
     memset(acc, 0, sizeof(float) * (size_t)heads * head_dim);
     for (int b = task->first / task->block_size, i = 0, lo, hi; b <= last_block; b++) {
-        const uint16_t *v = v_cache + (int64_t)task->table[b] * task->block_stride + (int64_t)task->kv0 * head_dim;
+        const uint16_t *v = v_cache + block_offset(task, b);
         block_span(task, b, &lo, &hi);
         for (int t = lo; t < hi; t += 2, i += 2) {
-            prefetch_next(task, (const char *)v_cache, 2, b, last_block, t);
-            if (t + 1 < hi) prefetch_next(task, (const char *)v_cache, 2, b, last_block, t + 1);
             const int paired = t + 1 < hi;
+            prefetch_next(task, (const char *)v_cache, 2, b, last_block, t);
+            if (paired) prefetch_next(task, (const char *)v_cache, 2, b, last_block, t + 1);
             for (int h = 0; h < heads; h++) {
                 const float *p = scores + (size_t)h * stride + i;
                 const uint32_t weights = (uint32_t)float_to_bf16(p[0]) | (uint32_t)float_to_bf16(paired ? p[1] : 0.f) << 16;
                 const __m512bh pair = (__m512bh)_mm512_set1_epi32((int)weights);
                 const uint16_t *v0 = v + t * task->slot_stride + (h / task->group) * head_dim;
-                const uint16_t *v1 = paired ? v0 + task->slot_stride : zeros;
                 float *a = acc + h * head_dim;
                 for (int d = 0; d < head_dim; d += 32) {
-                    const __m512i x = _mm512_loadu_si512(v0 + d), y = _mm512_loadu_si512(paired ? v1 + d : v1);
+                    const __m512i x = _mm512_loadu_si512(v0 + d);
+                    const __m512i y = paired ? _mm512_loadu_si512(v0 + task->slot_stride + d) : _mm512_setzero_si512();
                     _mm512_storeu_ps(a + d, _mm512_dpbf16_ps(_mm512_loadu_ps(a + d), (__m512bh)_mm512_unpacklo_epi16(x, y), pair));
                     _mm512_storeu_ps(a + d + 16,
                                      _mm512_dpbf16_ps(_mm512_loadu_ps(a + d + 16), (__m512bh)_mm512_unpackhi_epi16(x, y), pair));
