@@ -86,18 +86,20 @@ def main() -> None:
     forward, sampling, steps, decode_steps = [], [], [], []
     runner = engine.runner
     runner.execute = timed(forward, runner.execute)
-    caller.sample = timed(sampling, caller.sample)
-    real_step = loop_owner._step
+    caller.draw = timed(sampling, caller.draw)
+    real_run_once = loop_owner.run_once
 
-    def step():
+    def run_once():
         decode = all(s.num_computed_tokens > 0 for s in engine.scheduler.running) and not engine.scheduler.num_waiting
-        before = (len(forward), len(sampling))
+        before = (len(forward), len(sampling), loop_owner.counters["steps"])
         start = time.perf_counter()
-        real_step()
+        ran = real_run_once()
         elapsed = time.perf_counter() - start
-        (decode_steps if decode else steps).append((elapsed, sum(forward[before[0]:]), sum(sampling[before[1]:])))
+        if loop_owner.counters["steps"] > before[2]:  # a step was issued (and, on CPU, read)
+            (decode_steps if decode else steps).append((elapsed, sum(forward[before[0]:]), sum(sampling[before[1]:])))
+        return ran
 
-    loop_owner._step = step
+    loop_owner.run_once = run_once
     work = make_workload(args.concurrency, 0, model.config.vocab_size, (args.prompt, args.prompt),
                          (args.output, args.output))
     async def one(i, prompt, n):

@@ -102,12 +102,13 @@ def sync(device: str) -> None:
 
 # -- the four contenders -------------------------------------------------------------------------
 
-def run_ember(model, tokenizer, work, args) -> tuple[int, float, dict]:
+def run_ember(model, tokenizer, work, args, async_scheduling: bool | None = None) -> tuple[int, float, dict]:
     from engine.llm.engine import LLMEngine, LLMEngineConfig
     from engine.llm.types import GenerationRequest, SamplingParams
 
     config = LLMEngineConfig(kv_cache_bytes=args.kv_cache_mib * 2**20 if args.device == "cpu" else None,
-                             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batch_tokens)
+                             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batch_tokens,
+                             async_scheduling=async_scheduling)
     engine = LLMEngine(model, tokenizer, config)
 
     async def one(i, prompt, n):
@@ -305,14 +306,13 @@ def copy_bandwidth(device: str) -> float:
     return 2 * n * 10 / (time.perf_counter() - start)
 
 
-def batch1_decode(model, tokenizer, args) -> dict:
+def ember_batch1(model, tokenizer, args, new_tokens: int, prompt: list[int], async_scheduling: bool | None) -> float:
+    """ember's decode tokens/s for one request, after a warm-up request."""
     from engine.llm.engine import LLMEngine, LLMEngineConfig
     from engine.llm.types import GenerationRequest, SamplingParams
 
-    new_tokens = 64 if args.quick else 128
-    prompt = list(range(1, 33))
     engine = LLMEngine(model, tokenizer, LLMEngineConfig(
-        kv_cache_bytes=64 * 2**20 if args.device == "cpu" else 2**30))
+        kv_cache_bytes=64 * 2**20 if args.device == "cpu" else 2**30, async_scheduling=async_scheduling))
 
     async def main():
         stamps = []
@@ -327,7 +327,17 @@ def batch1_decode(model, tokenizer, args) -> dict:
     finally:
         engine.close()
     set_attention(model, "sdpa")
-    ember = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def batch1_decode(model, tokenizer, args) -> dict:
+    new_tokens = 64 if args.quick else 128
+    prompt = list(range(1, 33))
+    ember = ember_batch1(model, tokenizer, args, new_tokens, prompt, None)
+    # On CUDA the default is async scheduling; the same request with each step read before the
+    # next is issued shows what the overlap is worth.
+    sync_steps = (ember_batch1(model, tokenizer, args, new_tokens, prompt, False)
+                  if args.device == "cuda" and "ember_sync" not in args.skip else None)
 
     with torch.inference_mode():
         ids = torch.tensor([prompt], device=args.device)
@@ -345,7 +355,8 @@ def batch1_decode(model, tokenizer, args) -> dict:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = copy_bandwidth(args.device)
     roofline = bandwidth / weight_bytes
-    return {"ember_tok_s": ember, "hf_generate_tok_s": hf, "weight_bytes": weight_bytes,
+    return {"ember_tok_s": ember, "ember_sync_steps_tok_s": sync_steps, "hf_generate_tok_s": hf,
+            "weight_bytes": weight_bytes,
             "copy_bandwidth_GBps": bandwidth / 1e9, "roofline_tok_s": roofline,
             "ember_fraction_of_roofline": ember / roofline}
 
@@ -377,7 +388,9 @@ def main() -> None:
                     help="only compare one engine fresh and after mixed traffic fragmented its block pool")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="model dtype (default: "
                     "float32 on CPU, bfloat16 on CUDA)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["sequential", "padded", "generate_batch", "batch1"])
+    ap.add_argument("--skip", nargs="*", default=[],
+                    choices=["sequential", "padded", "generate_batch", "batch1", "ember_sync"],
+                    help="ember_sync: on CUDA, ember with async scheduling off (run by default beside it)")
     args = ap.parse_args()
     prompt_range, output_range = (16, 256), (8, 256)
     if args.quick:
@@ -408,6 +421,9 @@ def main() -> None:
     run_ember(model, tokenizer, [(p, 4) for p, _ in warm], args)
     results: dict = {}
     results["ember"] = measure("ember", lambda: run_ember(model, tokenizer, work, args), args.repeats)
+    if args.device == "cuda" and "ember_sync" not in args.skip:
+        results["ember_sync_steps"] = measure("ember, sync", lambda: run_ember(model, tokenizer, work, args, False),
+                                              args.repeats)
     if "sequential" not in args.skip:
         subset = work[:args.sequential_subset]
         run_sequential(model, [(p, 4) for p, _ in warm], args)
@@ -430,6 +446,8 @@ def main() -> None:
               "output_range": output_range, "output_tokens": sum(n for _, n in work), "throughput": results}
     if "batch1" not in args.skip:
         report["batch1_decode"] = b1 = batch1_decode(model, tokenizer, args)
+        if b1["ember_sync_steps_tok_s"] is not None:
+            print(f"\nbatch-1 decode with async scheduling off: {b1['ember_sync_steps_tok_s']:.1f} tok/s")
         print(f"\nbatch-1 decode: ember {b1['ember_tok_s']:.1f} tok/s, transformers generate "
               f"{b1['hf_generate_tok_s']:.1f} tok/s; roofline {b1['roofline_tok_s']:.1f} tok/s "
               f"({b1['weight_bytes'] / 1e9:.2f} GB weights at {b1['copy_bandwidth_GBps']:.1f} GB/s copy bandwidth) "

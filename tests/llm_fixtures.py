@@ -55,7 +55,20 @@ def assert_idle(engine) -> None:
     assert stats["running"] == 0 and stats["waiting"] == 0 and stats["active_requests"] == 0
 
 
+SCHEDULING = {"async_scheduling": None}  # make_engine's default; set per test by `both_schedulings`
+
+
+@pytest.fixture(params=[False, True], ids=["sync", "async"])
+def both_schedulings(request):
+    """Runs a test once with each step read before the next is issued and once with async
+    scheduling (core.py), which on CPU is otherwise off."""
+    SCHEDULING["async_scheduling"] = request.param
+    yield request.param
+    SCHEDULING["async_scheduling"] = None
+
+
 def make_engine(model, tokenizer, **config) -> LLMEngine:
+    config.setdefault("async_scheduling", SCHEDULING["async_scheduling"])
     config.setdefault("kv_cache_bytes", 8 * 2**20)
     config.setdefault("process", False)  # the step loop in a thread: tests reach into the core
     return LLMEngine(copy.deepcopy(model), tokenizer, LLMEngineConfig(**config))

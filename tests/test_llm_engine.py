@@ -25,6 +25,8 @@ from tests.llm_fixtures import (
     tokens_of,
 )
 
+pytestmark = pytest.mark.usefixtures("both_schedulings")
+
 
 @pytest.fixture
 def engine(llama, tokenizer):

@@ -19,6 +19,8 @@ from tests.llm_fixtures import (
     tokens_of,
 )
 
+pytestmark = pytest.mark.usefixtures("both_schedulings")
+
 
 def check_greedy(model, engine, prompts, max_new, waves: int = 1):
     try:
@@ -142,10 +144,10 @@ def test_one_token_prefill_chunks_never_replay_graphs(llama, tokenizer):
     mixed_steps = []
     execute = engine.runner.execute
 
-    def spy(seqs, num_tokens, prompt_logprob_seqs=frozenset()):
+    def spy(seqs, num_tokens, **kwargs):
         if all(n == 1 for n in num_tokens) and not engine.runner.is_decode_step(seqs, num_tokens):
             mixed_steps.append(len(seqs))
-        return execute(seqs, num_tokens, prompt_logprob_seqs)
+        return execute(seqs, num_tokens, **kwargs)
 
     engine.runner.execute = spy
     check_greedy(llama, engine, prompts, max_new)

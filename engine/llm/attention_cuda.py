@@ -49,7 +49,8 @@ class FlashAttnBackend:
         if "cu_k" not in group.cache:
             ctx = group.context_lens
             group.cache["cu_k"] = torch.nn.functional.pad(ctx.cumsum(0, dtype=torch.int32), (1, 0))
-            group.cache["max_k"] = int(ctx.max())
+            lens = group.host_context_lens  # known on the host: no device sync (async scheduling)
+            group.cache["max_k"] = max(lens) if lens else int(ctx.max())
         rows = (group.row_start, group.num_rows)
         result = self.varlen(query.narrow(0, *rows), k_cache, v_cache, group.query_starts, group.cache["cu_k"],
                              group.max_query_len, group.cache["max_k"], softmax_scale=scale, causal=True,

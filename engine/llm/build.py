@@ -48,14 +48,20 @@ class CoreSpec:
                          admission_reserve_blocks=max(1, self.num_blocks // 100))
 
     def new_core(self, *, thread: bool, sink: Sink | None = None) -> EngineCore:
-        return EngineCore(self.new_runner(), self.new_scheduler(), eos_token_ids=self.eos_token_ids,
+        runner = self.new_runner()
+        overlap = self.config.async_scheduling
+        if overlap is None:
+            overlap = runner.device.type == "cuda"
+        return EngineCore(runner, self.new_scheduler(), eos_token_ids=self.eos_token_ids,
                           max_model_len=self.max_model_len, block_size=self.config.block_size,
-                          vocab_size=self.vocab_size, cpu_threads=self.cpu_threads, sink=sink, thread=thread)
+                          vocab_size=self.vocab_size, cpu_threads=self.cpu_threads, sink=sink, thread=thread,
+                          async_scheduling=overlap)
 
     def sleep(self, core: EngineCore) -> dict[int, Any]:
         """Free the KV cache and park GPU weights; on the loop's thread, between steps."""
         if core.num_active:
             raise RuntimeError("cannot sleep while requests are running")
+        core.settle()
         core.runner = None
         gc.collect()
         return park_weights([self.model])

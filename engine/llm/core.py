@@ -6,6 +6,19 @@ choice at the token level (stop token ids, a finished constraint, max_new_tokens
 and delta building happen on the consumer side (output.py); when a stop string ends a choice
 there, the consumer calls `finish_choice` and the core frees that choice's blocks at its next step.
 
+Async scheduling (on by default on CUDA): a step is *issued* (forward and sampling queued on the
+device, `_issue`) and later *read* (the host syncs on its tokens, `_read`). With async scheduling
+the loop issues step N+1 before it reads step N, so the host's work between two steps (reading
+tokens, stop checks, handing outputs out, scheduling, building inputs) overlaps the device's work
+instead of leaving it idle; vLLM V1 does the same. For that, issuing step N appends a placeholder
+token to every sequence that samples in it and may go on, and step N+1 takes that token from step
+N's device tensor of sampled ids (runner.TokenFeed). Reading step N overwrites the placeholder.
+What the host cannot know ahead is handled thus: a sequence that step N ends by length gets no
+placeholder (it sits step N+1 out); one that step N ends with a stop token was computed once more
+in step N+1, whose row for it is dropped; a step with a constrained row is read before the next is
+issued (a grammar mask needs the accepted token), as is every step without async scheduling. On
+CPU the forward pass runs on the host itself, so there is nothing to overlap and it is off.
+
 The loop runs in one thread: a background thread of the server process (in-process mode), or the
 main thread of the engine's own process (engine_process.py drives `run_once` there). It talks to
 the rest of the world through two channels only: the inbox (requests, aborts, finished choices; a
@@ -31,9 +44,10 @@ from typing import Any, Callable
 import torch
 
 from engine.errors import InvalidInput, ModelUnavailable
-from engine.llm.scheduler import Scheduler
-from engine.llm.sampler import SamplerState, sample, top_logprobs
-from engine.llm.sequence import Sequence
+from engine.llm.runner import TokenFeed
+from engine.llm.sampler import DeviceSample, SamplerState, draw, top_logprobs
+from engine.llm.scheduler import Scheduler, ScheduledBatch
+from engine.llm.sequence import PLACEHOLDER, Sequence
 from engine.llm.types import FinishReason, GenerationRequest
 
 logger = logging.getLogger("ember.llm")
@@ -74,6 +88,28 @@ class CoreRequest:
         return self.request.params.n
 
 
+@dataclass
+class IssuedStep:
+    """A step whose forward pass and sampling are issued but whose tokens the host has not read."""
+
+    seqs: list[Sequence]
+    num_tokens: list[int]
+    starts: list[int]  # each sequence's computed tokens before the step
+    preemptions: list[int]  # each sequence's preemption count when issued
+    sampled: list[Sequence]  # sequences whose last row is in this step (they sample or only score)
+    to_sample: list[Sequence]  # the rows of `draw`
+    draw: DeviceSample | None
+    prompt_logits: dict[int, torch.Tensor]
+    placeholders: dict[int, int]  # seq_id -> index in its token_ids of this step's placeholder
+
+    def feed(self) -> TokenFeed | None:
+        """The tokens the next step takes from this one, for the sequences with placeholders."""
+        if not self.placeholders:
+            return None
+        rows = {s.seq_id: i for i, s in enumerate(self.to_sample) if s.seq_id in self.placeholders}
+        return TokenFeed(self.draw.tokens, rows)
+
+
 def choice_seed(seed: int, index: int) -> int:
     """An independent 63-bit seed per (request seed, choice index): choice 1 of seed s must not
     replay choice 0 of seed s + 1."""
@@ -87,8 +123,10 @@ Sink = Callable[["dict[CoreRequest, list[CoreOutput]]"], None]
 class EngineCore:
     def __init__(self, runner, scheduler: Scheduler, *, eos_token_ids: frozenset[int], max_model_len: int,
                  block_size: int, vocab_size: int, cpu_threads: int | None = None, sink: Sink | None = None,
-                 thread: bool = True):
+                 thread: bool = True, async_scheduling: bool = False):
         self.runner = runner
+        self.async_scheduling = async_scheduling
+        self._in_flight: IssuedStep | None = None  # issued, not read (async scheduling only)
         self.cpu_threads = cpu_threads
         self.scheduler = scheduler
         self.eos_token_ids = eos_token_ids
@@ -226,26 +264,45 @@ class EngineCore:
         self.shut_down()
 
     def run_once(self) -> bool:
-        """Handle the inbox, run one step if there is work, and hand its outputs to the sink.
-        False when there was nothing to run (the caller may wait for the inbox)."""
+        """Handle the inbox, issue one step if there is work, read the step before it (async
+        scheduling) or this one, and hand the outputs to the sink. False when there was nothing
+        to do (the caller may wait for the inbox)."""
         self._drain_inbox()
-        if not self.scheduler.has_work():
+        if not self.scheduler.has_work() and self._in_flight is None:
             self._flush()  # aborts handled in the inbox still owe their final outputs
             return False
         try:
-            self._step()
+            issued = self._issue(self.scheduler.schedule()) if self.scheduler.has_work() else None
+            self.settle()
+            if issued is not None and issued.placeholders:
+                self._in_flight = issued  # read after the next step is issued
+                self.counters["steps_ahead"] += 1
+            elif issued is not None:
+                self._read(issued)
         except Exception:  # a bug in bookkeeping: fail what is in flight, keep serving
             logger.exception("LLM engine step failed")
+            self._in_flight = None
             for state in self._active_states():
                 self._end_request(state, "error", "internal error in the engine step")
         self._flush()
         return True
+
+    def settle(self) -> None:
+        """Read the step in flight, if any (before the runner or scheduler change under it)."""
+        step, self._in_flight = self._in_flight, None
+        if step is not None:
+            self._read(step)
 
     def shut_down(self) -> None:
         """Accept nothing more; requests still in flight end with "abort"."""
         with self._lock:
             self._stopped = True
         self._drain_inbox()
+        try:
+            self.settle()
+        except Exception:  # noqa: BLE001 - everything ends below anyway
+            logger.exception("reading the last LLM engine step failed")
+            self._in_flight = None
         for state in self._active_states():
             self._end_request(state, "abort")
         self._flush()
@@ -259,6 +316,7 @@ class EngineCore:
                 state, index, reason = payload
                 self._end_choice(state, index, reason)
             elif kind == "call":
+                self.settle()
                 payload()
             else:
                 try:
@@ -290,39 +348,63 @@ class EngineCore:
         state.seqs.append(seq)
         return seq
 
-    def _execute(self, seqs: list[Sequence], num_tokens: list[int]):
-        """The runner's forward pass: (logits of sampled rows, sampled seqs, {seq_id: logits of
-        every row this step}) for sequences gathering prompt logprobs."""
-        wanted = frozenset(s.seq_id for s in seqs if s.needs_prompt_rows)
-        return self.runner.execute(seqs, num_tokens, prompt_logprob_seqs=wanted)
-
-    def _step(self) -> None:
-        batch = self.scheduler.schedule()
+    def _issue(self, batch: ScheduledBatch) -> IssuedStep | None:
+        """Run the forward pass and sampling of a scheduled batch without reading the tokens; the
+        batch's sequences count its tokens as computed from here on."""
         if not batch.seqs:
-            return
+            return None
         self.counters["steps"] += 1
+        seqs, num_tokens = batch.seqs, batch.num_tokens
+        previous = self._in_flight
         try:
-            logits, sampled, prompt_logits = self._execute(batch.seqs, batch.num_tokens)
+            wanted = frozenset(s.seq_id for s in seqs if s.needs_prompt_rows)
+            logits, sampled, prompt_logits = self.runner.execute(
+                seqs, num_tokens, prompt_logprob_seqs=wanted, feed=previous.feed() if previous else None)
             rows = [i for i, s in enumerate(sampled) if s.params.max_new_tokens > 0]
             to_sample = [sampled[i] for i in rows]
             if len(rows) < len(sampled):  # scoring-only rows (max_new_tokens 0) sample nothing
                 logits = logits[rows]
-            result = sample(logits, to_sample, self._generator, self.sampler_state) if to_sample else None
+            drawn = draw(logits, to_sample, self._generator, self.sampler_state) if to_sample else None
         except Exception as exc:
             logger.exception("LLM engine forward/sampling failed")
             self.counters["failed_steps"] += 1
             message = f"{type(exc).__name__}: {exc}"
-            for state in {self._active.get(s.request_id) for s in batch.seqs} - {None}:
+            for state in {self._active.get(s.request_id) for s in seqs} - {None}:
                 self._end_request(state, "error", message)
-            return
-        for seq, n in zip(batch.seqs, batch.num_tokens):
-            if seq.seq_id in prompt_logits:
-                self._gather_prompt_logprobs(seq, prompt_logits[seq.seq_id], n)
+            return None
+        step = IssuedStep(seqs, num_tokens, [s.num_computed_tokens for s in seqs],
+                          [s.num_preemptions for s in seqs], sampled, to_sample, drawn, prompt_logits, {})
+        for seq, n in zip(seqs, num_tokens):
             seq.num_computed_tokens += n
-            self.scheduler.bm.register_full_blocks(seq)
-            if seq.num_computed_tokens <= seq.num_prompt_tokens:
+        for seq in to_sample:
+            seq.num_pending_tokens += 1
+        if self.async_scheduling and to_sample and not any(s.constraint is not None for s in to_sample):
+            for seq in to_sample:
+                if self._goes_on(seq):
+                    step.placeholders[seq.seq_id] = seq.num_tokens
+                    seq.token_ids.append(PLACEHOLDER)
+        return step
+
+    def _goes_on(self, seq: Sequence) -> bool:
+        """Whether the sequence may need another step after the token being sampled for it (it
+        does unless that token reaches a length limit; a stop token cannot be known ahead)."""
+        return (seq.num_output_tokens + 1 < seq.params.max_new_tokens
+                and seq.num_tokens + 1 < self.max_model_len)
+
+    def _read(self, step: IssuedStep) -> None:
+        """Read an issued step's tokens and act on them: prompt logprobs, prefix-cache blocks,
+        appended tokens and what ends a choice."""
+        result = step.draw.resolve() if step.draw is not None else None
+        for seq in step.to_sample:
+            seq.num_pending_tokens -= 1
+        for seq, n, start, preemptions in zip(step.seqs, step.num_tokens, step.starts, step.preemptions):
+            if seq.seq_id in step.prompt_logits:
+                self._gather_prompt_logprobs(seq, step.prompt_logits[seq.seq_id], start, n)
+            if seq.num_preemptions == preemptions:  # else its blocks were freed (maybe reused) since
+                self.scheduler.bm.register_full_blocks(seq, start + n)
+            if start + n <= seq.num_prompt_tokens:
                 self.counters["prompt_tokens"] += n
-        for seq in sampled:
+        for seq in step.sampled:
             if seq.params.max_new_tokens == 0 and not seq.is_finished:
                 state = self._active.get(seq.request_id)
                 if state is not None:  # scoring only: the prompt is done, every choice ends
@@ -330,22 +412,23 @@ class EngineCore:
                                                  prompt_logprobs=seq.prompt_logprobs))
                     self._finish_seq(state, seq, "length")
                     self._end_request(state, "length")
-        for i, seq in enumerate(to_sample):
+        for i, seq in enumerate(step.to_sample):
             state = self._active.get(seq.request_id)
-            if state is None or seq.is_finished:
+            if state is None or seq.is_finished:  # ended meanwhile (a stop token read in the step before)
+                self.counters["dropped_rows"] += 1
                 continue
             if i in result.errors:
                 self._end_request(state, "error", result.errors[i])
                 continue
             try:
-                self._append_token(state, seq, result.token_ids[i], result.logprobs[i])
+                self._append_token(state, seq, result.token_ids[i], result.logprobs[i],
+                                   step.placeholders.get(seq.seq_id))
             except Exception as exc:
                 logger.info("request %s failed: %s", seq.request_id, exc)
                 self._end_request(state, "error", f"{type(exc).__name__}: {exc}")
 
-    def _gather_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, n: int) -> None:
-        """Rows at positions p..p+n-1 predict prompt tokens p+1..p+n."""
-        start = seq.num_computed_tokens
+    def _gather_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, start: int, n: int) -> None:
+        """Rows at positions start..start+n-1 predict prompt tokens start+1..start+n."""
         targets = [pos + 1 for pos in range(start, start + n) if pos + 1 < seq.num_prompt_tokens]
         if not targets:
             return
@@ -354,12 +437,20 @@ class EngineCore:
         for t, c, top in zip(targets, chosen, tops):
             seq.prompt_logprobs[t] = (c, top)
 
-    def _append_token(self, state: CoreRequest, seq: Sequence, token: int, logprob: RawLogprob | None) -> None:
+    def _append_token(self, state: CoreRequest, seq: Sequence, token: int, logprob: RawLogprob | None,
+                      placeholder: int | None = None) -> None:
+        """Put a sampled token in its place: at the end of token_ids, or over its placeholder
+        (which a step issued since may already be followed by another)."""
         p = seq.params
         if state.n > 1 and not state.forked:
             self._fork(state, seq)
-        first = seq.num_output_tokens == 0
-        seq.token_ids.append(token)
+        if placeholder is None:
+            position = seq.num_tokens
+            seq.token_ids.append(token)
+        else:
+            position = placeholder
+            seq.token_ids[position] = token
+        first = position == seq.num_prompt_tokens
         self.counters["generation_tokens"] += 1
         if seq.constraint is not None:
             seq.constraint.accept(token)
@@ -367,7 +458,7 @@ class EngineCore:
         hidden = token in seq.stop_token_ids
         if hidden or (seq.constraint is not None and seq.constraint.is_done()):
             finish = "stop"
-        elif seq.num_output_tokens >= p.max_new_tokens or seq.num_tokens >= self.max_model_len:
+        elif position + 1 - seq.num_prompt_tokens >= p.max_new_tokens or position + 1 >= self.max_model_len:
             finish = "length"
         self._emit(state, CoreOutput(
             seq.index, [token], [logprob] if logprob is not None else [], finish,

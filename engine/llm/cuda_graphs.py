@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from engine.llm.attention import AttentionBatch, SpanGroup
 from engine.llm.sequence import Sequence
+
+if TYPE_CHECKING:
+    from engine.llm.runner import TokenFeed
 
 logger = logging.getLogger("ember.llm")
 
@@ -62,6 +66,7 @@ class DecodeGraphs:
         pinned = device.type == "cuda"
         self.host_tables = torch.full((largest, self.width), scratch, dtype=torch.int32, pin_memory=pinned).numpy()
         self.host_small = torch.zeros(4, largest, dtype=torch.long, pin_memory=pinned).numpy()  # ids, positions, slots, lens
+        self.copied: torch.cuda.Event | None = None  # recorded after each step's host-to-device copies
         self.graphs: dict[int, _Graph] = {}
         self.pool = None
         self.enabled = True
@@ -91,13 +96,13 @@ class DecodeGraphs:
         self.enabled = False
         self.graphs.clear()
 
-    def run(self, seqs: list[Sequence]) -> torch.Tensor | None:
+    def run(self, seqs: list[Sequence], feed: TokenFeed | None = None) -> torch.Tensor | None:
         """Logits [len(seqs), vocab] for a decode step, or None to run it eagerly."""
         batch = self.bucket_for(len(seqs)) if self.enabled else None
         if batch is None or batch not in self.graphs:
             return None
         try:
-            self.fill(seqs, batch)
+            self.fill(seqs, batch, feed)
             graph = self.graphs[batch]
             graph.graph.replay()
         except Exception:
@@ -107,10 +112,16 @@ class DecodeGraphs:
         self.replays += 1
         return graph.logits[:len(seqs)]
 
-    def fill(self, seqs: list[Sequence], batch: int) -> None:
-        """Write the step's inputs into the static buffers; rows past len(seqs) are padding."""
+    def fill(self, seqs: list[Sequence], batch: int, feed: TokenFeed | None = None) -> None:
+        """Write the step's inputs into the static buffers; rows past len(seqs) are padding.
+
+        The host staging buffers are pinned and copied without blocking: before they are written
+        again, wait until the device has taken the previous step's copies (with async scheduling
+        the host prepares a step while the one before may still be queued)."""
         bs, scratch, n = self.runner.block_size, self.runner.scratch_block, len(seqs)
         small, tables = self.host_small, self.host_tables
+        if self.copied is not None:
+            self.copied.synchronize()
         for row, s in enumerate(seqs):
             p = s.num_computed_tokens
             width = p // bs + 1
@@ -123,6 +134,11 @@ class DecodeGraphs:
         self.slot_mapping[:batch].copy_(torch.from_numpy(small[2, :batch]), non_blocking=True)
         self.context_lens[:batch].copy_(torch.from_numpy(small[3, :batch]), non_blocking=True)
         self.block_tables[:batch].copy_(torch.from_numpy(tables[:batch]), non_blocking=True)
+        if self.runner.device.type == "cuda":
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+        if feed is not None:
+            feed.fill(self.input_ids, [(row, feed.rows[s.seq_id]) for row, s in enumerate(seqs) if s.seq_id in feed.rows])
 
     def _capture(self, batch: int) -> _Graph:
         runner = self.runner

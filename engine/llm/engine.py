@@ -47,6 +47,9 @@ class LLMEngineConfig:
     enable_prefix_caching: bool = True
     max_queue: int = 1024  # generate() raises QueueFull beyond this many waiting
     cuda_graphs: bool = True  # only on CUDA
+    # Issue each step before reading the one before it (core.py). None: on CUDA, where the device
+    # then works while the host prepares the next step; on CPU there is nothing to overlap.
+    async_scheduling: bool | None = None
     # Run the engine core in its own process (True) or in a thread of this one (False). None: a
     # process on CPU, a thread on CUDA (sleep must free the weights' GPU memory, which the server
     # process owns).

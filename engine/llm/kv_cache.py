@@ -88,9 +88,12 @@ class BlockManager:
             hits.append(block_id)
         return hits
 
-    def register_full_blocks(self, seq: Sequence) -> None:
-        """Publish the sequence's newly completed blocks to the prefix cache."""
-        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+    def register_full_blocks(self, seq: Sequence, num_computed: int | None = None) -> None:
+        """Publish the sequence's newly completed blocks to the prefix cache: those within its
+        first `num_computed` tokens (default: all it has computed). The core passes what a step
+        it has read computed, since a later step may already be issued."""
+        computed = seq.num_computed_tokens if num_computed is None else min(num_computed, seq.num_computed_tokens)
+        num_full = min(computed // self.block_size, len(seq.block_table))
         if not self.enable_prefix_caching or num_full <= seq.num_published_blocks:
             return
         hashes = self._hashes(seq, num_full)

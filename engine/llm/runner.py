@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from itertools import accumulate
 
 import numpy as np
@@ -60,6 +61,24 @@ def layer_devices(model: torch.nn.Module, num_layers: int) -> list[torch.device]
             if param is not None:
                 devices[idx] = param.device
     return [devices.get(i, default) for i in range(num_layers)]
+
+
+@dataclass
+class TokenFeed:
+    """Input tokens that are still on the device. With async scheduling (core.py) a sequence's
+    next step is issued before the host has read the token sampled for it in the step before; its
+    last token id on the host is then a placeholder, and the step takes the token from `tokens`
+    (the previous step's sampled ids) at row `rows[seq_id]`."""
+
+    tokens: torch.Tensor
+    rows: dict[int, int]
+
+    def fill(self, input_ids: torch.Tensor, fed: list[tuple[int, int]]) -> None:
+        """Overwrite input_ids[0, position] with tokens[row] for each (position, row), on the device."""
+        if fed:
+            positions, rows = zip(*fed)
+            device = input_ids.device
+            input_ids[0, torch.tensor(positions, device=device)] = self.tokens[torch.tensor(rows, device=device)]
 
 
 class ModelRunner:
@@ -118,7 +137,8 @@ class ModelRunner:
                          q_max, query_lens=list(num_tokens) if q_max > 1 else None,
                          host_tables=host_tables, host_context_lens=contexts)
 
-    def prepare(self, seqs: list[Sequence], num_tokens: list[int], prompt_logprob_seqs: frozenset[int] = frozenset()):
+    def prepare(self, seqs: list[Sequence], num_tokens: list[int], prompt_logprob_seqs: frozenset[int] = frozenset(),
+                feed: TokenFeed | None = None):
         """Pack the step. Returns (model kwargs, LM-head rows, sequences sampled in row order,
         {seq_id: (first, end) range of its rows among the LM-head rows} for prompt logits)."""
         bs = self.block_size
@@ -130,11 +150,14 @@ class ModelRunner:
         sample_rows: list[int] = []
         sampled: list[Sequence] = []
         prompt_rows: dict[int, range] = {}
+        fed: list[tuple[int, int]] = []  # (position in input_ids, row of feed.tokens)
         for i in single + multi:
             s, n = seqs[i], num_tokens[i]
             p = s.num_computed_tokens
             start = len(input_ids)
             input_ids.extend(s.token_ids[p:p + n])
+            if feed is not None and s.seq_id in feed.rows:  # its last token is a placeholder
+                fed.append((start + n - 1, feed.rows[s.seq_id]))
             positions.extend(range(p, p + n))
             table = s.block_table
             slot_mapping.extend(table[q // bs] * bs + q % bs for q in range(p, p + n))
@@ -156,8 +179,11 @@ class ModelRunner:
             single=self._group([seqs[i] for i in single], [1] * len(single), 0) if single else None,
             multi=self._group([seqs[i] for i in multi], [num_tokens[i] for i in multi], len(single)) if multi else None,
         )
+        ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)
+        if feed is not None:
+            feed.fill(ids, fed)
         kwargs = {
-            "input_ids": torch.tensor([input_ids], dtype=torch.long, device=self.device),
+            "input_ids": ids,
             "position_ids": torch.tensor([positions], dtype=torch.long, device=self.device),
             "use_cache": False,
             "ember_batch": batch,
@@ -217,16 +243,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, seqs: list[Sequence], num_tokens: list[int],
-                prompt_logprob_seqs: frozenset[int] = frozenset(),
+                prompt_logprob_seqs: frozenset[int] = frozenset(), feed: TokenFeed | None = None,
                 ) -> tuple[torch.Tensor, list[Sequence], dict[int, torch.Tensor]]:
-        """Run the step. Returns float32 logits [num_sampled, vocab], the sampled sequences (in
-        the logits' row order), and for every seq_id in `prompt_logprob_seqs` the float32 logits of
-        every token this step computes for it, [n_tokens_this_step, vocab] in position order."""
+        """Run the step (on CUDA: queue it; nothing here waits for the device). Returns float32
+        logits [num_sampled, vocab], the sampled sequences (in the logits' row order), and for
+        every seq_id in `prompt_logprob_seqs` the float32 logits of every token this step
+        computes for it, [n_tokens_this_step, vocab] in position order. `feed` supplies the input
+        tokens the host has not read yet."""
         if self.graphs is not None and not prompt_logprob_seqs and self.is_decode_step(seqs, num_tokens):
-            logits = self.graphs.run(seqs)
+            logits = self.graphs.run(seqs, feed)
             if logits is not None:
                 return logits.float(), list(seqs), {}
-        kwargs, rows, sampled, extra = self.prepare(seqs, num_tokens, prompt_logprob_seqs)
+        kwargs, rows, sampled, extra = self.prepare(seqs, num_tokens, prompt_logprob_seqs, feed)
         if self.lean is not None:
             logits = self.lean(kwargs["input_ids"], kwargs["position_ids"], kwargs["ember_batch"], rows)
         else:

@@ -17,6 +17,10 @@ penalised sequences their token counts (`PenaltyState`: one persistent row each,
 prompt when it joins and bumped by one batched scatter per step, so a step costs the same whatever
 the context length). The engine core releases a sequence's rows when it finishes.
 
+`draw` never waits for the device (token counts for penalties are bumped from the device tensor
+of sampled ids); `DeviceSample.resolve` is where the host reads the tokens, so the engine core can
+issue the next step before it (async scheduling, core.py).
+
 A row whose constraint allows no token fails alone: `SampleResult.errors` names it, its token is
 meaningless, and the other rows sample as usual.
 """
@@ -75,7 +79,7 @@ class PenaltyState:
         prompt = torch.tensor([t for t in seq.token_ids[:seq.num_prompt_tokens] if t < self.vocab],
                               dtype=torch.long, device=self.device)
         self.seen_prompt[row].index_fill_(0, prompt, True)
-        output = torch.tensor([t for t in seq.output_token_ids if t < self.vocab], dtype=torch.long,
+        output = torch.tensor([t for t in seq.output_token_ids if 0 <= t < self.vocab], dtype=torch.long,
                               device=self.device)
         self.counts[row].index_add_(0, output, torch.ones(len(output), device=self.device))
         self.rows[seq] = row
@@ -91,13 +95,16 @@ class PenaltyState:
         self.free_rows.append(row)
 
     @torch.inference_mode()
-    def record(self, seqs: list[Sequence], token_ids: list[int]) -> None:
-        """Count this step's sampled tokens for the penalised sequences (one scatter)."""
-        pairs = [(self.rows[s], t) for s, t in zip(seqs, token_ids) if s in self.rows and t < self.vocab]
-        if pairs:
-            index = torch.tensor(pairs, dtype=torch.long, device=self.device)
-            self.counts.index_put_((index[:, 0], index[:, 1]), torch.ones(len(pairs), device=self.device),
-                                   accumulate=True)
+    def record(self, seqs: list[Sequence], tokens: torch.Tensor) -> None:
+        """Count this step's sampled tokens (`tokens`, one per row, still on the device: no host
+        sync) for the penalised sequences, in one scatter."""
+        rows = [(i, self.rows[s]) for i, s in enumerate(seqs) if s in self.rows]
+        if not rows:
+            return
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        chosen = tokens[index[:, 0]]
+        counted = (chosen < self.vocab).to(self.counts.dtype)  # ids past the tokenizer's vocab count nothing
+        self.counts.index_put_((index[:, 1], chosen.clamp(max=self.vocab - 1)), counted, accumulate=True)
 
 
 # Columns of SettingsTable, per sequence. Values that switch a filter off: top_k = vocab,
@@ -336,11 +343,35 @@ def process_logits(logits: torch.Tensor, seqs: list[Sequence], penalties: Penalt
     return apply_constraints(logits, seqs)
 
 
-@torch.inference_mode()
+@dataclass
+class DeviceSample:
+    """Sampled tokens not yet read by the host: everything the sampler decided, as device tensors
+    (on CUDA still being computed when `draw` returns). `resolve` reads them: the one host sync."""
+
+    tokens: torch.Tensor  # [rows] token ids
+    raw_logprobs: torch.Tensor | None  # log-softmax of the rows in lp_rows, before any processing
+    lp_rows: list[int]
+    params: list
+    errors: dict[int, str]
+
+    @torch.inference_mode()
+    def resolve(self) -> SampleResult:
+        token_ids = self.tokens.tolist()
+        return SampleResult(token_ids, _logprobs(self.raw_logprobs, self.lp_rows, token_ids, self.params),
+                            self.errors)
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator | None = None,
            state: SamplerState | None = None) -> SampleResult:
+    """`draw` and read the result at once."""
+    return draw(logits, seqs, generator, state).resolve()
+
+
+@torch.inference_mode()
+def draw(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator | None = None,
+         state: SamplerState | None = None) -> DeviceSample:
     """logits: float32 [rows, vocab], modified in place. Without a `state` (one-off calls), the
-    sequences are treated as new."""
+    sequences are treated as new. Nothing here waits for the device."""
     device = logits.device
     params = [s.params for s in seqs]
     lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
@@ -360,9 +391,8 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generato
             index = torch.tensor(greedy_rows, dtype=torch.long, device=device)
             tokens[index] = logits[index].max(dim=-1).indices
 
-    token_ids = tokens.tolist()
-    state.penalties.record(seqs, token_ids)
-    return SampleResult(token_ids, _logprobs(raw_logprobs, lp_rows, token_ids, params), errors)
+    state.penalties.record(seqs, tokens)
+    return DeviceSample(tokens, raw_logprobs, lp_rows, params, errors)
 
 
 def top_logprobs(logprobs: torch.Tensor, chosen_ids: list[int], top_n: int

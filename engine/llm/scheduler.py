@@ -3,7 +3,8 @@
 Every step has a token budget (max_num_batched_tokens) and a sequence cap (max_num_seqs). Running
 decodes are served first (one token each, most important first), then unfinished prefills take
 what is left of the budget (chunked prefill), most important first: a long prompt, whatever its
-priority, never stalls a running decode. Then waiting sequences are admitted in (priority, arrival) order while
+priority, never stalls a running decode. A running sequence with nothing to compute (its next token
+is still being sampled in a step the core has not read yet) sits the step out. Then waiting sequences are admitted in (priority, arrival) order while
 budget, seat and KV blocks last. When a running sequence needs a block and none is free, the least
 important running sequence is preempted: its blocks are freed and it goes back to the waiting queue
 to be recomputed later (with prefix caching, often from its own cached blocks). Nothing fails for
@@ -63,6 +64,7 @@ class Scheduler:
         self.running.remove(seq)
         self.bm.free_seq(seq)
         seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
         self.num_preemptions += 1
         self.add(seq)
 
@@ -77,6 +79,8 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if n == 0:  # its next token is still being sampled (async scheduling, core.py)
+                continue
             while not self.bm.allocate(seq, n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -105,6 +109,8 @@ class Scheduler:
             if seq.status is not SeqStatus.WAITING:
                 heapq.heappop(self.waiting)
                 continue
+            if seq.num_pending_tokens:  # preempted while a token of its was in flight: admitted once it is read
+                break
             if not self._allocate_admission(seq, budget):
                 break
             heapq.heappop(self.waiting)

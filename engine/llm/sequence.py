@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from engine.llm.types import FinishReason, SamplingParams
 
 
+PLACEHOLDER = -1  # a token id sampled on the device that the host has not read yet
+
+
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -45,6 +48,11 @@ class Sequence:
     generator: torch.Generator | None = None
     constraint: Constraint | None = None
     finish_reason: FinishReason | None = None
+    # Async scheduling (core.py): tokens sampled for this sequence in steps the host has not read
+    # yet. While any is pending it is not admitted again (after a preemption) and, unless the core
+    # appended a placeholder for the token (PLACEHOLDER, overwritten when read), not scheduled.
+    num_pending_tokens: int = 0
+    num_preemptions: int = 0
     # Prompt logprobs being gathered (choice 0 of a request that asked): one entry per prompt
     # token, None for the first; filled chunk by chunk, handed out once the prompt is computed.
     prompt_logprobs: list | None = None
