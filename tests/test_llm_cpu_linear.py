@@ -1,5 +1,6 @@
-"""oneDNN prepacked linear layers on CPU (engine/llm/cpu_linear.py): same outputs as nn.Linear,
-tied embeddings intact and counted, a silent fallback where the ops are missing, sleep/wake."""
+"""oneDNN prepacked linear layers on CPU (engine/llm/cpu_linear.py): same outputs as nn.Linear
+(padded row counts included), tied embeddings intact and counted, a silent fallback where the ops
+are missing, sleep/wake, the warm-up of every step size."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def linears(model: nn.Module) -> list[str]:
 @needs_ops
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", [(1, 48), (7, 48), (1, 5, 48)])
+@pytest.mark.parametrize("shape", [(1, 48), (7, 48), (1, 5, 48), (100, 48), (1, 263, 48)])
 def test_packed_linear_matches_nn_linear(dtype, bias, shape):
     torch.manual_seed(0)
     layer = nn.Linear(48, 80, bias=bias, dtype=dtype)
@@ -49,6 +50,32 @@ def test_packed_linear_matches_nn_linear(dtype, bias, shape):
         assert torch.equal(got, want)
     else:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_row_counts_above_64_run_at_a_few_padded_sizes():
+    """Each row count is a oneDNN primitive to build: steps of any size up to 2048 tokens map to
+    64 exact sizes and 40 padded ones, never 12.5 % or more above the real count."""
+    sizes = [cpu_linear.padded_rows(rows) for rows in range(1, 2049)]
+    assert sizes[:64] == list(range(1, 65))
+    assert all(0 <= padded - rows < rows / 8 for rows, padded in enumerate(sizes, start=1))
+    assert len(set(sizes)) == 64 + 40
+    assert cpu_linear.padded_rows(263) == 288 and cpu_linear.padded_rows(2048) == 2048
+
+
+@needs_ops
+def test_warm_up_calls_every_shape_but_the_head_at_every_padded_size_up_to_the_budget():
+    model = tiny_llama(torch.bfloat16, tied=False)
+    pack_linears(model)
+    x = torch.tensor([[5, 9, 2, 7]])
+    with torch.inference_mode():
+        before = model(x).logits
+    head = model.get_output_embeddings()
+    shapes = {(m.in_features, m.out_features) for m in model.modules()
+              if isinstance(m, PackedLinear) and m is not head}
+    padded_sizes = [72, 80, 88, 96, 104, 112, 120, 128, 144, 160, 176, 192, 208]
+    assert cpu_linear.warm_up(model, max_rows=200) == len(shapes) * len(padded_sizes)
+    with torch.inference_mode():
+        assert torch.equal(model(x).logits, before)
 
 
 @needs_ops

@@ -39,7 +39,8 @@ class CoreSpec:
     def new_runner(self) -> ModelRunner:
         cfg = self.config
         return ModelRunner(self.model, self.num_blocks, cfg.block_size, cuda_graphs=cfg.cuda_graphs,
-                           max_num_seqs=cfg.max_num_seqs, max_model_len=self.max_model_len)
+                           max_num_seqs=cfg.max_num_seqs, max_model_len=self.max_model_len,
+                           max_num_batched_tokens=cfg.max_num_batched_tokens)
 
     def new_scheduler(self) -> Scheduler:
         cfg = self.config

@@ -46,7 +46,7 @@ import torch
 from engine.errors import InvalidInput, ModelUnavailable
 from engine.llm.runner import TokenFeed
 from engine.llm.sampler import DeviceSample, SamplerState, draw, top_logprobs
-from engine.llm.scheduler import Scheduler, ScheduledBatch
+from engine.llm.scheduler import ScheduledBatch, Scheduler
 from engine.llm.sequence import PLACEHOLDER, Sequence
 from engine.llm.types import FinishReason, GenerationRequest
 
@@ -190,7 +190,7 @@ class EngineCore:
         def run():
             try:
                 box["value"] = fn()
-            except BaseException as exc:  # noqa: BLE001 - handed back to the caller
+            except BaseException as exc:
                 box["error"] = exc
             done.set()
 
@@ -300,7 +300,7 @@ class EngineCore:
         self._drain_inbox()
         try:
             self.settle()
-        except Exception:  # noqa: BLE001 - everything ends below anyway
+        except Exception:
             logger.exception("reading the last LLM engine step failed")
             self._in_flight = None
         for state in self._active_states():

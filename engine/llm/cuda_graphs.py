@@ -138,7 +138,8 @@ class DecodeGraphs:
             self.copied = torch.cuda.Event()
             self.copied.record()
         if feed is not None:
-            feed.fill(self.input_ids, [(row, feed.rows[s.seq_id]) for row, s in enumerate(seqs) if s.seq_id in feed.rows])
+            fed = [(row, feed.rows[s.seq_id]) for row, s in enumerate(seqs) if s.seq_id in feed.rows]
+            feed.fill(self.input_ids, fed)
 
     def _capture(self, batch: int) -> _Graph:
         runner = self.runner

@@ -27,7 +27,7 @@ from engine.llm.attention import AttentionBatch, SpanGroup, allocate_kv
 from engine.llm.attention_cpu import TorchBackend
 from engine.llm.cpu_forward import LeanForward
 from engine.llm.cpu_fused import fuse_cpu_ops
-from engine.llm.cpu_linear import pack_linears
+from engine.llm.cpu_linear import pack_linears, warm_up
 from engine.llm.sequence import Sequence
 from engine.llm.types import SamplingParams
 
@@ -83,7 +83,7 @@ class TokenFeed:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, *, cuda_graphs: bool = False,
-                 max_num_seqs: int = 64, max_model_len: int = 2048):
+                 max_num_seqs: int = 64, max_model_len: int = 2048, max_num_batched_tokens: int = 2048):
         self.model = model
         self.device = next(model.parameters()).device
         self.packed_linears = pack_linears(model)  # CPU bf16 only (cpu_linear.py); 0 elsewhere
@@ -106,6 +106,8 @@ class ModelRunner:
         model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
         self.supports_logits_to_keep = getattr(model, "_supports_logits_to_keep", lambda: False)()
         self.lean = self.check_lean_forward()
+        if self.packed_linears:  # after the lean forward fused its projections: their final shapes
+            warm_up(model, max_num_batched_tokens)
         self.graphs = None
         if cuda_graphs and self.device.type == "cuda":
             from engine.llm.cuda_graphs import DecodeGraphs
