@@ -612,18 +612,24 @@ def _release(request: Request, jobs: list[Job]) -> None:
 
 async def stream_events(request: Request, shape: Shape, on_success) -> AsyncIterator[ServerSentEvent]:
     """`data:` chunks for the jobs' events, ending with `data: [DONE]`. If the client leaves
-    (the generator is closed early), the jobs are cancelled."""
+    (the generator is closed early), the jobs are cancelled.
+
+    The opening chunks (a chat choice's role) go out with the first output, as vLLM and OpenAI
+    send them, not when the request is accepted: a client timing its first chunk (TTFT in every
+    load generator) then times the first token, not the queue."""
+    opening = shape.opening_chunks()
     try:
-        for chunk in shape.opening_chunks():
-            yield _data(chunk)
         async for position, event in follow_all(shape.jobs):
             if event.type == "output":
-                for chunk in shape.event_chunks(position, event):
+                for chunk in [*opening, *shape.event_chunks(position, event)]:
                     yield _data(chunk)
+                opening = []
         failed = next((job for job in shape.jobs if job.status == "failed"), None)
         if failed is not None:
             yield _data(_error_payload(failed))
         else:
+            for chunk in opening:  # no output at all: the choices still open before they end
+                yield _data(chunk)
             if all(job.status == "succeeded" for job in shape.jobs):
                 on_success()
             if shape.include_usage:

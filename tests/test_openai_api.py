@@ -112,6 +112,34 @@ def test_streaming_matches_plain_and_reports_usage(oai):
     assert all(c.usage is None for c in chunks[:-1])
 
 
+def test_the_role_chunk_goes_out_with_the_first_token_not_before():
+    """A load generator's TTFT is the time to the first chunk: the role chunk must wait for the
+    first output (as vLLM and OpenAI send it), or TTFT would time the HTTP round trip only."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from engine.jobs import Job
+    from server.openai import ChatShape, stream_events
+
+    async def main():
+        job = Job("ember/tiny-chat", "0" * 64, "text-generation", {},
+                  task=SimpleNamespace(params=SimpleNamespace(n=1)))
+        shape = ChatShape([job], MODEL, SimpleNamespace(id="0" * 64), False, False, tool_names=[])
+        engine = SimpleNamespace(cancel=lambda job_id: None, forget=lambda job_id: None)
+        request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(engine=engine)))
+        stream = stream_events(request, shape, on_success=lambda: None)
+        first = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.05)
+        assert not first.done()  # accepted, queued, nothing generated: nothing sent
+        job.emit("output", "Hi")
+        opening, content = json.loads((await first).data), json.loads((await anext(stream)).data)
+        assert opening["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        assert content["choices"][0]["delta"] == {"content": "Hi"}
+        await stream.aclose()
+
+    asyncio.run(main())
+
+
 def test_accept_header_chooses_streaming_and_seed_path_is_served(live_server):
     response = httpx.post(f"{live_server.url}/api/v1/chat/completions", timeout=30,
                           headers={"Authorization": f"Bearer {API_KEY}", "Accept": "text/event-stream"},
