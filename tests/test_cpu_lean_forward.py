@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 
+from engine.llm import cpu_linear
 from engine.llm import runner as runner_module
 from engine.llm.cpu_forward import LeanForward
 from engine.llm.runner import ModelRunner
@@ -63,3 +64,26 @@ def test_refused_when_its_logits_disagree(monkeypatch, llama):
 def test_switched_off(monkeypatch, llama):
     monkeypatch.setenv(runner_module.LEAN_SWITCH, "0")
     assert ModelRunner(copy.deepcopy(llama), num_blocks=8, block_size=16).lean is None
+
+
+@pytest.mark.skipif(cpu_linear._ops() is None, reason="this torch build has no oneDNN linear ops")
+def test_a_packed_step_of_more_than_64_tokens_runs_padded_and_matches_the_model():
+    """Above 64 tokens a step on packed linears runs at a padded row count (cpu_linear.padded_rows):
+    the padding rows change no logit and write nothing to the cache."""
+    from engine.llm.sequence import Sequence
+    from engine.llm.types import SamplingParams
+    from tests.test_llm_cpu_linear import tiny_llama
+
+    model = tiny_llama(torch.bfloat16, tied=False)
+    runner = ModelRunner(model, num_blocks=16, block_size=16)
+    assert runner.packed_linears and runner.lean is not None and runner.lean.packed
+    assert cpu_linear.padded_rows(100) == 104
+    seq = Sequence(0, "r", 0, [(7 * t + 3) % 300 for t in range(100)], 100, SamplingParams(),
+                   block_table=list(range(7)))
+    logits, _, prompt = runner.execute([seq], [100], prompt_logprob_seqs=frozenset({0}))
+    with torch.inference_mode():
+        want = model(torch.tensor([seq.token_ids])).logits[0].float()  # per-call padding, SDPA
+    assert prompt[0].shape == want.shape
+    torch.testing.assert_close(prompt[0], want, rtol=2e-2, atol=2e-2)
+    for cache in runner.k_caches + runner.v_caches:  # block 6 holds positions 96-111
+        assert cache[6, :4].any() and not cache[6, 4:].any() and not cache[7:].any()

@@ -121,6 +121,8 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     write_kv(k_cache, v_cache, batch.slot_mapping, key, value)
     q = query[0].transpose(0, 1)  # [T, heads, head_dim]
     out = torch.empty(q.shape, dtype=query.dtype, device=query.device)
+    if q.shape[0] > key.shape[2]:  # query rows past the keys are padding (cpu_forward.py): zeros
+        out[key.shape[2]:].zero_()
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     for group in (batch.single, batch.multi):
         if group is not None and group.num_rows:

@@ -24,11 +24,12 @@ from __future__ import annotations
 import sys
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine.llm.attention import AttentionBatch, paged_attention
 from engine.llm.cpu_fused import rms_norm, rotary, silu_mul
-from engine.llm.cpu_linear import PackedLinear
+from engine.llm.cpu_linear import PackedLinear, padded_rows
 
 LAYER_PARTS = {"input_layernorm", "self_attn", "post_attention_layernorm", "mlp"}
 ATTENTION_PARTS = {"q_proj", "k_proj", "v_proj", "o_proj"}
@@ -65,6 +66,7 @@ class LeanForward:
         self.apply_rotary = sys.modules[type(self.layers[0].self_attn).__module__].apply_rotary_pos_emb
         self.fused = all(hasattr(layer.self_attn, "qkv_proj") and hasattr(layer.mlp, "gate_up_proj")
                          for layer in self.layers)  # by an earlier runner on the same model
+        self.packed = any(isinstance(m, PackedLinear) for m in model.modules())
         for norm in [self.final_norm] + [n for layer in self.layers
                                          for n in (layer.input_layernorm, layer.post_attention_layernorm)]:
             norm._ember_eps = _eps(norm)
@@ -143,7 +145,14 @@ class LeanForward:
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, batch: AttentionBatch,
                  rows: torch.Tensor) -> torch.Tensor:
-        tokens = input_ids.shape[1]
+        real = input_ids.shape[1]
+        # Padded once here, not per linear call (cpu_linear.padded_rows): the extra rows (token 0 at
+        # position 0) go through every per-row op and are never attended to, written to the cache
+        # or kept.
+        tokens = padded_rows(real) if self.packed else real
+        if tokens > real:
+            input_ids = F.pad(input_ids, (0, tokens - real))
+            position_ids = F.pad(position_ids, (0, tokens - real))
         h = self.embed(input_ids)
         cos, sin = self.rotary_emb(h, position_ids)
         q_shape = (1, tokens, self.heads, self.head_dim)
@@ -163,6 +172,8 @@ class LeanForward:
             v = v.view(kv_shape).transpose(1, 2)
             rotated = rotary(q, k, cos, sin)
             q, k = rotated if rotated is not None else self.apply_rotary(q, k, cos, sin)
+            if tokens > real:
+                k, v = k[:, :, :real], v[:, :, :real]
             out, _ = paged_attention(attn, q, k, v, None, scaling=attn.scaling, ember_batch=batch)
             h = h + attn.o_proj(out.reshape(1, tokens, -1))
             x = _norm(h, layer.post_attention_layernorm)
