@@ -29,6 +29,7 @@ from engine.llm.cpu_forward import LeanForward
 from engine.llm.cpu_fused import fuse_cpu_ops
 from engine.llm.cpu_linear import pack_linears, warm_up
 from engine.llm.sequence import Sequence
+from engine.llm.transfer import array_to_device, to_device
 from engine.llm.types import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class TokenFeed:
         if fed:
             positions, rows = zip(*fed)
             device = input_ids.device
-            input_ids[0, torch.tensor(positions, device=device)] = self.tokens[torch.tensor(rows, device=device)]
+            input_ids[0, to_device(positions, torch.long, device)] = self.tokens[to_device(rows, torch.long, device)]
 
 
 class ModelRunner:
@@ -131,11 +132,11 @@ class ModelRunner:
         tables = np.full((len(seqs), max(widths)), self.scratch_block, dtype=np.int32)
         for row, (s, w) in enumerate(zip(seqs, widths)):
             tables[row, :w] = s.block_table[:w]
-        int32 = {"dtype": torch.int32, "device": self.device}
         q_max = max(num_tokens)
         host_tables = [s.block_table[:w] for s, w in zip(seqs, widths)]
-        return SpanGroup(row_start, sum(num_tokens), torch.from_numpy(tables).to(self.device),
-                         torch.tensor(contexts, **int32), torch.tensor(list(accumulate(num_tokens, initial=0)), **int32),
+        starts = list(accumulate(num_tokens, initial=0))
+        return SpanGroup(row_start, sum(num_tokens), array_to_device(tables, self.device),
+                         to_device(contexts, torch.int32, self.device), to_device(starts, torch.int32, self.device),
                          q_max, query_lens=list(num_tokens) if q_max > 1 else None,
                          host_tables=host_tables, host_context_lens=contexts)
 
@@ -176,21 +177,21 @@ class ModelRunner:
             keep.extend(rows)
         batch = AttentionBatch(
             self.k_caches, self.v_caches,
-            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=self.device),
+            slot_mapping=to_device(slot_mapping, torch.long, self.device),
             backend=self.backend,
             single=self._group([seqs[i] for i in single], [1] * len(single), 0) if single else None,
             multi=self._group([seqs[i] for i in multi], [num_tokens[i] for i in multi], len(single)) if multi else None,
         )
-        ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)
+        ids = to_device([input_ids], torch.long, self.device)
         if feed is not None:
             feed.fill(ids, fed)
         kwargs = {
             "input_ids": ids,
-            "position_ids": torch.tensor([positions], dtype=torch.long, device=self.device),
+            "position_ids": to_device([positions], torch.long, self.device),
             "use_cache": False,
             "ember_batch": batch,
         }
-        rows = torch.tensor(keep, dtype=torch.long, device=self.device)
+        rows = to_device(keep, torch.long, self.device)
         if self.supports_logits_to_keep:
             kwargs["logits_to_keep"] = rows
         return kwargs, rows, sampled, extra

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.llm.sequence import Sequence
+from engine.llm.transfer import to_device
 
 NEG_INF = float("-inf")
 GREEDY_EPS = 1e-5
@@ -101,7 +102,7 @@ class PenaltyState:
         rows = [(i, self.rows[s]) for i, s in enumerate(seqs) if s in self.rows]
         if not rows:
             return
-        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        index = to_device(rows, torch.long, self.device)
         chosen = tokens[index[:, 0]]
         counted = (chosen < self.vocab).to(self.counts.dtype)  # ids past the tokenizer's vocab count nothing
         self.counts.index_put_((index[:, 1], chosen.clamp(max=self.vocab - 1)), counted, accumulate=True)
@@ -144,9 +145,8 @@ class SettingsTable:
                     self.table = torch.cat([self.table, self.table.new_zeros(grow, NUM_SETTINGS)])
                     self.free_rows.extend(range(start + grow - 1, start - 1, -1))
                 row = self.rows[seq] = self.free_rows.pop()
-                self.table[row] = torch.tensor(self._values(seq), device=self.device)
-        index = torch.tensor([self.rows[s] for s in seqs], dtype=torch.long)
-        return self.table[index.to(self.device, non_blocking=True)]
+                self.table[row] = to_device(self._values(seq), torch.float32, self.device)
+        return self.table[to_device([self.rows[s] for s in seqs], torch.long, self.device)]
 
     def release(self, seq: Sequence) -> None:
         row = self.rows.pop(seq, None)
@@ -172,8 +172,8 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], state: PenaltySt
     rows = [i for i, s in enumerate(seqs) if _needs_penalties(s)]
     if not rows:
         return
-    slots = torch.tensor([state.row(seqs[i]) for i in rows], dtype=torch.long, device=logits.device)
-    index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+    slots = to_device([state.row(seqs[i]) for i in rows], torch.long, logits.device)
+    index = to_device(rows, torch.long, logits.device)
     counts = state.counts[slots]
     sub = logits[index]
     cols = settings[index]
@@ -321,7 +321,7 @@ def _filter_rows(processed: torch.Tensor, params, greedy: list[bool], settings: 
     rows = [i for i, (p, g) in enumerate(zip(params, greedy))
             if not g and (0 < p.top_k < vocab or p.top_p < 1.0)]
     if rows:
-        index = torch.tensor(rows, dtype=torch.long, device=processed.device)
+        index = to_device(rows, torch.long, processed.device)
         cols = settings[index]
         processed[index] = top_k_top_p(
             processed[index],
@@ -353,10 +353,28 @@ class DeviceSample:
     lp_rows: list[int]
     params: list
     errors: dict[int, str]
+    # On CUDA: the ids copied to pinned host memory as soon as they are sampled, and the event that
+    # marks the copy done. Reading `tokens` itself would wait for everything queued on the stream
+    # since, i.e. for the next step when the core has already issued it (async scheduling).
+    host_tokens: torch.Tensor | None = None
+    copied: torch.cuda.Event | None = None
+
+    def __post_init__(self) -> None:
+        if self.tokens.is_cuda and self.host_tokens is None:
+            self.host_tokens = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
+            self.host_tokens.copy_(self.tokens, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
 
     @torch.inference_mode()
     def resolve(self) -> SampleResult:
-        token_ids = self.tokens.tolist()
+        """The sampled ids (and logprobs) on the host. Logprobs are computed here, on the device,
+        so a step with logprob rows waits for whatever was queued after it."""
+        if self.copied is not None:
+            self.copied.synchronize()
+            token_ids = self.host_tokens.tolist()
+        else:
+            token_ids = self.tokens.tolist()
         return SampleResult(token_ids, _logprobs(self.raw_logprobs, self.lp_rows, token_ids, self.params),
                             self.errors)
 
@@ -388,7 +406,7 @@ def draw(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator 
         tokens = inverse_cdf(processed.softmax(dim=-1), uniforms(seqs, device, generator))
         greedy_rows = [i for i, g in enumerate(greedy) if g]
         if greedy_rows:  # only these rows (an argmax over every row was 5 % of a 64-row step)
-            index = torch.tensor(greedy_rows, dtype=torch.long, device=device)
+            index = to_device(greedy_rows, torch.long, device)
             tokens[index] = logits[index].max(dim=-1).indices
 
     state.penalties.record(seqs, tokens)
