@@ -39,9 +39,9 @@ for stage in "$@"; do
 print(torch.__version__, torch.version.cuda, triton.__version__, transformers.__version__, \
 torch.cuda.get_device_name())"; python3 -c "import engine.llm.engine, server.app; print(\"imports ok\")"' ;;
     tests)
-      run_stage tests_llm_cuda "${STAGE_LIMIT_tests:-240}" env EMBER_TEST_DEVICE=cuda python3 -m pytest -q -rfE \
+      run_stage tests_llm_cuda "${STAGE_LIMIT_tests:-360}" env EMBER_TEST_DEVICE=cuda python3 -m pytest -q -rfE \
         -p no:cacheprovider --timeout 120 tests/test_llm_engine.py tests/test_llm_greedy.py \
-        tests/test_llm_attention.py tests/test_llm_sampler.py tests/test_llm_scheduler.py tests/test_llm_detokenizer.py
+        tests/test_llm_async_scheduling.py tests/test_llm_attention.py tests/test_llm_sampler.py tests/test_llm_scheduler.py tests/test_llm_detokenizer.py
       run_stage tests_gpu_marked "${STAGE_LIMIT_gpu:-200}" python3 -m pytest -q -rfE -p no:cacheprovider \
         --timeout 150 -m gpu tests/test_llm_triton_attention.py tests/test_fleet.py tests/test_video_gpu.py
       run_stage tests_greedy_bf16 "${STAGE_LIMIT_bf16:-120}" env EMBER_TEST_DEVICE=cuda EMBER_TEST_DTYPE=bfloat16 \
