@@ -190,7 +190,7 @@ class EngineCore:
         def run():
             try:
                 box["value"] = fn()
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - handed back to the caller
                 box["error"] = exc
             done.set()
 
@@ -388,8 +388,11 @@ class EngineCore:
     def _goes_on(self, seq: Sequence) -> bool:
         """Whether the sequence may need another step after the token being sampled for it (it
         does unless that token reaches a length limit; a stop token cannot be known ahead)."""
-        return (seq.num_output_tokens + 1 < seq.params.max_new_tokens
-                and seq.num_tokens + 1 < self.max_model_len)
+        return not self._reaches_length_limit(seq, seq.num_tokens)
+
+    def _reaches_length_limit(self, seq: Sequence, position: int) -> bool:
+        """Whether a token at `position` of the sequence is its last by max_new_tokens or max_model_len."""
+        return position + 1 - seq.num_prompt_tokens >= seq.params.max_new_tokens or position + 1 >= self.max_model_len
 
     def _read(self, step: IssuedStep) -> None:
         """Read an issued step's tokens and act on them: prompt logprobs, prefix-cache blocks,
@@ -458,7 +461,7 @@ class EngineCore:
         hidden = token in seq.stop_token_ids
         if hidden or (seq.constraint is not None and seq.constraint.is_done()):
             finish = "stop"
-        elif position + 1 - seq.num_prompt_tokens >= p.max_new_tokens or position + 1 >= self.max_model_len:
+        elif self._reaches_length_limit(seq, position):
             finish = "length"
         self._emit(state, CoreOutput(
             seq.index, [token], [logprob] if logprob is not None else [], finish,

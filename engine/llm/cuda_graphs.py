@@ -138,8 +138,7 @@ class DecodeGraphs:
             self.copied = torch.cuda.Event()
             self.copied.record()
         if feed is not None:
-            fed = [(row, feed.rows[s.seq_id]) for row, s in enumerate(seqs) if s.seq_id in feed.rows]
-            feed.fill(self.input_ids, fed)
+            feed.fill(self.input_ids, [(row, s.seq_id) for row, s in enumerate(seqs)])
 
     def _capture(self, batch: int) -> _Graph:
         runner = self.runner

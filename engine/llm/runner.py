@@ -74,8 +74,10 @@ class TokenFeed:
     tokens: torch.Tensor
     rows: dict[int, int]
 
-    def fill(self, input_ids: torch.Tensor, fed: list[tuple[int, int]]) -> None:
-        """Overwrite input_ids[0, position] with tokens[row] for each (position, row), on the device."""
+    def fill(self, input_ids: torch.Tensor, last_positions: list[tuple[int, int]]) -> None:
+        """Given (position in input_ids, seq_id) of each sequence's last input token, overwrite
+        those of the fed sequences with their tokens, on the device."""
+        fed = [(position, self.rows[seq_id]) for position, seq_id in last_positions if seq_id in self.rows]
         if fed:
             positions, rows = zip(*fed)
             device = input_ids.device
@@ -153,14 +155,14 @@ class ModelRunner:
         sample_rows: list[int] = []
         sampled: list[Sequence] = []
         prompt_rows: dict[int, range] = {}
-        fed: list[tuple[int, int]] = []  # (position in input_ids, row of feed.tokens)
+        last_positions: list[tuple[int, int]] = []  # (position in input_ids, seq_id), for the feed
         for i in single + multi:
             s, n = seqs[i], num_tokens[i]
             p = s.num_computed_tokens
             start = len(input_ids)
             input_ids.extend(s.token_ids[p:p + n])
-            if feed is not None and s.seq_id in feed.rows:  # its last token is a placeholder
-                fed.append((start + n - 1, feed.rows[s.seq_id]))
+            if feed is not None:
+                last_positions.append((start + n - 1, s.seq_id))
             positions.extend(range(p, p + n))
             table = s.block_table
             slot_mapping.extend(table[q // bs] * bs + q % bs for q in range(p, p + n))
@@ -184,7 +186,7 @@ class ModelRunner:
         )
         ids = to_device([input_ids], torch.long, self.device)
         if feed is not None:
-            feed.fill(ids, fed)
+            feed.fill(ids, last_positions)
         kwargs = {
             "input_ids": ids,
             "position_ids": to_device([positions], torch.long, self.device),

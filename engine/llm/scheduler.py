@@ -4,11 +4,12 @@ Every step has a token budget (max_num_batched_tokens) and a sequence cap (max_n
 decodes are served first (one token each, most important first), then unfinished prefills take
 what is left of the budget (chunked prefill), most important first: a long prompt, whatever its
 priority, never stalls a running decode. A running sequence with nothing to compute (its next token
-is still being sampled in a step the core has not read yet) sits the step out. Then waiting sequences are admitted in (priority, arrival) order while
-budget, seat and KV blocks last. When a running sequence needs a block and none is free, the least
-important running sequence is preempted: its blocks are freed and it goes back to the waiting queue
-to be recomputed later (with prefix caching, often from its own cached blocks). Nothing fails for
-lack of memory, since max_model_len never exceeds what the whole cache can hold.
+is still being sampled in a step the core has not read yet) sits the step out. Then waiting
+sequences are admitted in (priority, arrival) order while budget, seat and KV blocks last. When a
+running sequence needs a block and none is free, the least important running sequence is
+preempted: its blocks are freed and it goes back to the waiting queue to be recomputed later (with
+prefix caching, often from its own cached blocks). Nothing fails for lack of memory, since
+max_model_len never exceeds what the whole cache can hold.
 """
 
 from __future__ import annotations
